@@ -1,0 +1,152 @@
+"""Channel importance, computed with NumPy in float64 on the producers' filters.
+
+A filter is the output-channel slice of a producer's weight, flattened. Lower
+scores are pruned first. Weights are read in column chunks, so a large
+memory-mapped layer is never copied to float64 whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from .analyze.graph import Analysis, Group
+from .analyze.sites import Producer
+from .errors import UsageError
+
+_CHUNK_BYTES = 64 << 20
+
+
+def filters(producer: Producer) -> np.ndarray:
+    """The producer's filters as rows of a 2-D (possibly strided, memory-mapped) view."""
+    weight = producer.node.inputs[producer.weight].const_value.numpy()
+    moved = np.moveaxis(weight, producer.axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def _column_chunks(f: np.ndarray, rows: int | None = None) -> Iterator[np.ndarray]:
+    """float64 column blocks of `f`, each at most ~64 MB."""
+    rows = f.shape[0] if rows is None else rows
+    step = max(1, _CHUNK_BYTES // (8 * max(rows, 1)))
+    for start in range(0, f.shape[1], step):
+        yield np.asarray(f[:, start:start + step], dtype=np.float64)
+
+
+def l1(f: np.ndarray) -> np.ndarray:
+    return sum((np.abs(c).sum(axis=1) for c in _column_chunks(f)), np.zeros(f.shape[0]))
+
+
+def _squared_norms(f: np.ndarray) -> np.ndarray:
+    return sum((np.einsum("ij,ij->i", c, c) for c in _column_chunks(f)), np.zeros(f.shape[0]))
+
+
+def l2(f: np.ndarray) -> np.ndarray:
+    return np.sqrt(_squared_norms(f))
+
+
+def distance_sums(f: np.ndarray, block_rows: int = 2048) -> np.ndarray:
+    """Σ_j ‖F_i − F_j‖₂ for every row i, through the Gram matrix: ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b.
+
+    Rows are processed in blocks so memory stays O(block × n) for wide layers.
+    """
+    n = f.shape[0]
+    norms = _squared_norms(f)
+    sums = np.zeros(n)
+    for r0 in range(0, n, block_rows):
+        r1 = min(n, r0 + block_rows)
+        gram = np.zeros((r1 - r0, n))
+        step = max(1, _CHUNK_BYTES // (8 * n))
+        for c0 in range(0, f.shape[1], step):
+            cols = np.asarray(f[:, c0:c0 + step], dtype=np.float64)
+            gram += cols[r0:r1] @ cols.T
+        d2 = norms[r0:r1, None] + norms[None, :] - 2.0 * gram
+        np.maximum(d2, 0.0, out=d2)  # rounding can make tiny distances negative
+        d2[np.arange(r1 - r0), np.arange(r0, r1)] = 0.0
+        sums[r0:r1] = np.sqrt(d2).sum(axis=1)
+    return sums
+
+
+def fpgm(f: np.ndarray, norm_fraction: float = 0.0) -> np.ndarray:
+    """FPGM (He et al., CVPR 2019): the filters nearest the geometric median score lowest.
+
+    Paper form (norm_fraction=0): score_i = Σ_j ‖F_i − F_j‖₂ over all filters.
+    Official-code variant (norm_fraction=f>0): the int(f·C) filters of smallest L2 norm
+    are pruned first (they score below every other filter, in norm order), and the
+    distance sums of the rest are computed among those survivors only.
+    """
+    if norm_fraction <= 0:
+        return distance_sums(f)
+    n = f.shape[0]
+    norms = l2(f)
+    order = np.argsort(norms, kind="stable")
+    by_norm = order[: int(n * norm_fraction)]
+    survivors = np.sort(order[int(n * norm_fraction):])
+    scores = np.empty(n)
+    if len(survivors):
+        scores[survivors] = distance_sums(np.asarray(f[survivors]))
+    # Strictly below the smallest survivor score, ordered by norm.
+    floor = scores[survivors].min() if len(survivors) else 0.0
+    scores[by_norm] = floor - 1.0 - np.arange(len(by_norm))[::-1]
+    return scores
+
+
+SCORERS: dict[str, Callable[..., np.ndarray]] = {"l1": l1, "l2": l2, "fpgm": fpgm}
+METHODS = (*SCORERS, "random")
+
+NORMALIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": lambda s: s / (np.abs(s).mean() or 1.0),
+    "max": lambda s: s / (np.abs(s).max() or 1.0),
+    "sum": lambda s: s / (np.abs(s).sum() or 1.0),
+    "none": lambda s: s,
+}
+REDUCTIONS: dict[str, Callable[[np.ndarray], float]] = {
+    "mean": np.mean, "sum": np.sum, "max": np.max, "min": np.min,
+}
+
+
+def producer_scores(producer: Producer, method: str, **options) -> np.ndarray:
+    if method not in SCORERS:
+        raise UsageError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    f = filters(producer)
+    return SCORERS[method](f, **options) if method == "fpgm" else SCORERS[method](f)
+
+
+def score_group(analysis: Analysis, group: Group, method: str, *, normalizer: str = "mean",
+                reduction: str = "mean", rng: np.random.Generator | None = None,
+                **options) -> np.ndarray:
+    """One score per channel of the group.
+
+    Each producer's scores are normalized per layer (divided by their mean, by
+    default), then the scores of the producer channels that make up one group
+    channel are reduced (mean, by default).
+    """
+    if method == "random":
+        rng = rng or np.random.default_rng(0)
+        return rng.random(group.channels)
+    position = {int(r): k for k, r in enumerate(group.classes)}
+    collected: list[list[float]] = [[] for _ in range(group.channels)]
+    for producer in group.producers:
+        s = NORMALIZERS[normalizer](producer_scores(producer, method, **options))
+        for root, value in zip(analysis.roots[producer.ids], s):
+            collected[position[int(root)]].append(float(value))
+    reduce = REDUCTIONS[reduction]
+    return np.array([reduce(np.array(v)) for v in collected])
+
+
+def score(analysis: Analysis, method: str, *, seed: int = 0, groups: list[Group] | None = None,
+          progress: Callable[[Group], None] | None = None, **options) -> dict[int, np.ndarray]:
+    """Scores for every prunable group, keyed by group index."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    for key, table in (("normalizer", NORMALIZERS), ("reduction", REDUCTIONS)):
+        if options.get(key, "mean") not in table:
+            raise UsageError(f"unknown {key} '{options[key]}' (choose from {', '.join(table)})")
+    rng = np.random.default_rng(seed)
+    out: dict[int, np.ndarray] = {}
+    for group in groups if groups is not None else analysis.groups:
+        if group.prunable:
+            out[group.index] = score_group(analysis, group, method, rng=rng, **options)
+        if progress:
+            progress(group)
+    return out
