@@ -169,10 +169,16 @@ def _drop_unused_initializers(model: ir.Model) -> None:
 
 
 def infer_shapes(model: ir.Model) -> None:
-    """Static shapes for MACs, reshape analysis and checks. Never fatal."""
+    """Static shapes for MACs, reshape analysis and checks. Never fatal.
+
+    The graph's inputs and outputs keep their declared (symbolic) shapes: inference
+    only fills in intermediate values."""
+    declared = [(v, v.shape, v.type) for v in (*model.graph.inputs, *model.graph.outputs)]
     for strict in (True, False):
         if ShapeInferencePass(strict_mode=strict, data_prop=True)(model).modified or not strict:
-            return
+            break
+    for value, shape, type_ in declared:
+        value.shape, value.type = shape, type_
 
 
 def clear_intermediate_shapes(model: ir.Model) -> None:
@@ -261,7 +267,11 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external: bool | Non
 
 
 def to_proto_bytes(model: ir.Model) -> bytes:
-    """Serialize a (small enough) model for an in-memory onnxruntime session."""
+    """Serialize a (small enough) model for an in-memory onnxruntime session.
+
+    External tensors are read into memory first (in place): bytes carry no folder.
+    """
+    ir.external_data.load_to_model(model)
     return ir.serde.serialize_model(model).SerializeToString()
 
 

@@ -94,6 +94,8 @@ def prune(path: str | os.PathLike, output: str | os.PathLike, options: Options,
         x, y = validate.load_data(options.data)
 
     model = load_normalized(path)
+    if x is not None:
+        validate.check_feed(model, x)
     a = analyze(model, options.exclude)
     params_before, macs_before = total_params(model), total_macs(model)
     costs_before = node_costs(model)
@@ -191,7 +193,6 @@ def measure(before: str | os.PathLike, after: str | os.PathLike, options: Option
     new = validate.session(after, options.threads)
     out: dict = {}
     if x is not None:
-        validate.check_feed(ref, x)
         ref_out = validate.run_batches(ref, x)
         new_out = validate.run_batches(new, x)
         inputs, samples = "data", len(x)

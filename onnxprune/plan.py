@@ -52,7 +52,33 @@ def select(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
         if n > 0:
             order = np.argsort(scores[group.index], kind="stable")
             selection[group.index] = np.sort(order[:n])
-    return selection
+    return keep_every_tensor_nonempty(analysis, selection, scores)
+
+
+def keep_every_tensor_nonempty(analysis: Analysis, selection: Selection,
+                               scores: dict[int, np.ndarray]) -> Selection:
+    """A Split output or a Slice may hold only a few channels of a group; never let a
+    selection empty one: give back its best-scored channel."""
+    position = {int(r): (g.index, k) for g in analysis.groups for k, r in enumerate(g.classes)}
+    parts = [part for rewrite in analysis.split_rewrites for part in rewrite.parts] + \
+        [site.ids for site in analysis.slices]
+    selection = {i: set(map(int, p)) for i, p in selection.items()}
+    changed = True
+    while changed:
+        changed = False
+        alive = analysis.alive(removed_roots(analysis, selection))
+        for part in parts:
+            if len(part) == 0 or alive(part).any():
+                continue
+            candidates = [position[int(r)] for r in set(analysis.roots[part].tolist())
+                          if int(r) in position]
+            if not candidates:
+                continue
+            index, k = max(candidates, key=lambda c: scores[c[0]][c[1]])
+            selection[index].discard(k)
+            changed = True
+            break
+    return {i: np.array(sorted(p), dtype=np.int64) for i, p in selection.items() if p}
 
 
 def removed_roots(analysis: Analysis, selection: Selection) -> set[int]:

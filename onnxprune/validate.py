@@ -86,12 +86,14 @@ def load_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def check_feed(sess, x: np.ndarray) -> None:
-    arg = sess.get_inputs()[0]
-    if len(arg.shape) != x.ndim or any(isinstance(d, int) and d > 0 and d != s
-                                       for d, s in zip(arg.shape[1:], x.shape[1:])):
+def check_feed(model: ir.Model, x: np.ndarray) -> None:
+    """Refuse data whose shape cannot feed the model's first input (before any work)."""
+    arg = model.graph.inputs[0]
+    dims = [d if isinstance(d, int) else (d.value or "?") for d in (arg.shape or [])]
+    if arg.shape is not None and (len(dims) != x.ndim or any(
+            isinstance(d, int) and d != s for d, s in zip(dims[1:], x.shape[1:]))):
         raise InputError(f"data 'x' has shape {list(x.shape)}, but the model's input "
-                         f"'{arg.name}' expects {arg.shape}")
+                         f"'{arg.name}' expects {dims}")
 
 
 def run_batches(sess, x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
@@ -131,7 +133,8 @@ def zero_slices(model: ir.Model, slices: list[dict]) -> ir.Model:
                 for node, index_in, v in uses:
                     if v is value:
                         node.replace_input_with(index_in, copy)
-                by_origin[entry["tensor"]] = [(n, i, copy if v is value else v)
+                ours = {(n, i) for n, i, v in uses if v is value}
+                by_origin[entry["tensor"]] = [(n, i, copy if (n, i) in ours else v)
                                               for n, i, v in by_origin[entry["tensor"]]]
             else:
                 value.const_value = ir.tensor(array, name=value.name)

@@ -89,10 +89,21 @@ def conv(ctx: Context, node: ir.Node) -> None:
         return
     if cin_per_group == 1 and m is None:
         return  # depthwise over an untracked input: nothing to remove, nothing changes
+    if (m is not None and len(m.ids) != cin) or cout % group:
+        ctx.freeze(m, f"grouped Conv '{node.name}' (group={group}) of unexpected shape")
+        m = None
+    # Grouped: every group must lose the same count. Couple position j of every group
+    # (inputs and outputs alike), so removing one channel removes it from each group.
     if m is not None:
-        ctx.freeze(m, f"grouped Conv '{node.name}' (group={group})")
-    ctx.produce(node, weight=1, axis=0, count=cout, output=node.outputs[0], rank=rank,
-                frozen=f"grouped Conv '{node.name}' (group={group}) output")
+        per_group = m.ids.reshape(group, cin_per_group)
+        for k in range(1, group):
+            ctx.ids.unify(per_group[0], per_group[k])
+        ctx.slice(node, 1, 1, per_group[0])
+    ctx.produce(node, weight=1, axis=0, count=cout, output=node.outputs[0], rank=rank)
+    out = ctx.map(node.outputs[0]).ids.reshape(group, cout // group)
+    for k in range(1, group):
+        ctx.ids.unify(out[0], out[k])
+    _bias(ctx, node, 2)
 
 
 @rule("ConvTranspose")
@@ -385,10 +396,13 @@ def pad(ctx: Context, node: ir.Node) -> None:
 # --------------------------------------------------------------------------- channel-axis ops
 
 def _kept_extent(ids: np.ndarray, axis_pos: int, alive) -> int:
-    """How many positions survive along one axis of a (possibly multi-axis) id array."""
+    """How many positions survive along one axis of a (possibly multi-axis) id array.
+
+    Removals from a multi-axis map take whole slabs (see Context.couple_rectangular), so
+    a position survives if anything in its slab does."""
     keep = alive(ids)
     other = tuple(i for i in range(ids.ndim) if i != axis_pos)
-    return int(keep.all(axis=other).sum()) if other else int(keep.sum())
+    return int(keep.any(axis=other).sum()) if other else int(keep.sum())
 
 
 @rule("Concat")

