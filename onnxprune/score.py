@@ -48,22 +48,31 @@ def l2(f: np.ndarray) -> np.ndarray:
 def distance_sums(f: np.ndarray, block_rows: int = 2048) -> np.ndarray:
     """Σ_j ‖F_i − F_j‖₂ for every row i, through the Gram matrix: ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b.
 
-    Rows are processed in blocks so memory stays O(block × n) for wide layers.
+    Rows are processed in blocks, and columns in chunks, so memory stays
+    O(block × n) for wide layers; a layer that fits in one chunk is converted to
+    float64 once and its Gram matrix is one symmetric product.
     """
     n = f.shape[0]
-    norms = _squared_norms(f)
+    step = max(1, _CHUNK_BYTES // (8 * n))
+    whole = np.asarray(f, dtype=np.float64) if f.shape[1] <= step else None
+    norms = np.einsum("ij,ij->i", whole, whole) if whole is not None else _squared_norms(f)
     sums = np.zeros(n)
     for r0 in range(0, n, block_rows):
         r1 = min(n, r0 + block_rows)
-        gram = np.zeros((r1 - r0, n))
-        step = max(1, _CHUNK_BYTES // (8 * n))
-        for c0 in range(0, f.shape[1], step):
-            cols = np.asarray(f[:, c0:c0 + step], dtype=np.float64)
-            gram += cols[r0:r1] @ cols.T
-        d2 = norms[r0:r1, None] + norms[None, :] - 2.0 * gram
+        if whole is not None:
+            d2 = whole @ whole.T if (r0, r1) == (0, n) else whole[r0:r1] @ whole.T
+        else:
+            d2 = np.zeros((r1 - r0, n))
+            for c0 in range(0, f.shape[1], step):
+                cols = np.asarray(f[:, c0:c0 + step], dtype=np.float64)
+                d2 += cols[r0:r1] @ cols.T
+        d2 *= -2.0
+        d2 += norms[r0:r1, None]
+        d2 += norms[None, :]
         np.maximum(d2, 0.0, out=d2)  # rounding can make tiny distances negative
         d2[np.arange(r1 - r0), np.arange(r0, r1)] = 0.0
-        sums[r0:r1] = np.sqrt(d2).sum(axis=1)
+        np.sqrt(d2, out=d2)
+        sums[r0:r1] = d2.sum(axis=1)
     return sums
 
 

@@ -54,7 +54,7 @@ def residual_path(tmp_path: Path) -> Path:
     return path
 
 
-def export_cached(case_name: str, dynamo: bool) -> Path:
+def export_cached(case_name: str, dynamo: bool, keep_bn: bool = False) -> Path:
     """Export a torch zoo case once per source version; shared by all test workers."""
     import hashlib
     import os
@@ -65,9 +65,10 @@ def export_cached(case_name: str, dynamo: bool) -> Path:
     key = hashlib.sha256(source).hexdigest()[:12]
     folder = ROOT / ".pytest_cache" / "onnxprune-exports" / key
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{case_name}-{'dynamo' if dynamo else 'torchscript'}.onnx"
+    mode = ("dynamo" if dynamo else "torchscript") + ("-keepbn" if keep_bn else "")
+    path = folder / f"{case_name}-{mode}.onnx"
     if not path.exists():
         tmp = folder / f".{path.name}.{os.getpid()}"
-        zoo_torch.export(zoo_torch.TORCH_CASES[case_name], tmp, dynamo=dynamo)
+        zoo_torch.export(zoo_torch.TORCH_CASES[case_name], tmp, dynamo=dynamo, keep_bn=keep_bn)
         os.replace(tmp, path)
     return path

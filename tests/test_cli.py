@@ -259,3 +259,23 @@ def test_module_and_console_script_entry_points(residual_path, tmp_path):
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
         assert done.returncode == 2
         assert done.stderr.strip() == "onnxprune: error: ratio must be in [0, 1), got 2.0"
+
+
+def test_exclude_leaves_matching_layers_alone(residual_path, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    code, _, err = run_cli(capsys, residual_path, "--ratio", "0.5", "--round-to", "1",
+                           "--exclude", "conv3", "-o", tmp_path / "o.onnx", "--plan", plan,
+                           "--no-validate")
+    assert code == 0, err
+    document = json.loads(plan.read_text())
+    by_producer = {g["producers"][0]["node"]: g for g in document["groups"]}
+    assert by_producer["conv3"]["removed"] == []
+    assert by_producer["conv3"]["frozen"] == ["'conv3' excluded by --exclude"]
+    assert by_producer["conv1"]["removed"]  # the others are still pruned
+    # a tensor-name pattern works too
+    code, _, _ = run_cli(capsys, residual_path, "--exclude", "w[12]", "--round-to", "1",
+                         "-o", tmp_path / "o2.onnx", "--plan", plan, "--no-validate")
+    assert code == 0
+    by_producer = {g["producers"][0]["node"]: g for g in json.loads(plan.read_text())["groups"]}
+    assert by_producer["conv1"]["removed"] == [] and by_producer["conv1"]["frozen"]
+    assert by_producer["conv3"]["removed"]

@@ -20,16 +20,27 @@ torch = pytest.importorskip("torch")
 import zoo_torch  # noqa: E402
 from zoo_onnx import ONNX_CASES  # noqa: E402
 
-TORCH_CASES = [(name, dynamo) for name, case in zoo_torch.TORCH_CASES.items()
-               for dynamo in (False, True) if not dynamo or getattr(case, "dynamo_ok", True)]
+# Both exporters fold eval-mode BatchNorm into the convs; the keep-BN exports keep
+# BatchNormalization nodes (unfused), for every case with BN (TorchScript) and a
+# BN-heavy subset (dynamo, slower to export).
+_HAS_BN = {name for name, case in zoo_torch.TORCH_CASES.items()
+           if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                  for m in case.make()[0].modules())}
+_DYNAMO_BN = {"conv_bn_relu_chain", "resnet_basic_projection", "mobilenetv2_block",
+              "shufflenet_down", "conv_transpose", "conv1d"}
+TORCH_CASES = [(name, dynamo, keep_bn) for name, case in zoo_torch.TORCH_CASES.items()
+               for dynamo in (False, True) for keep_bn in (False, True)
+               if (not dynamo or getattr(case, "dynamo_ok", True))
+               and (not keep_bn or (name in (_DYNAMO_BN if dynamo else _HAS_BN)))]
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name,dynamo", TORCH_CASES,
-                         ids=[f"{n}-{'dynamo' if d else 'torchscript'}" for n, d in TORCH_CASES])
-def test_torch_patterns(name, dynamo, tmp_path):
+@pytest.mark.parametrize("name,dynamo,keep_bn", TORCH_CASES,
+                         ids=[f"{n}-{'dynamo' if d else 'torchscript'}{'-keepbn' if k else ''}"
+                              for n, d, k in TORCH_CASES])
+def test_torch_patterns(name, dynamo, keep_bn, tmp_path):
     case = zoo_torch.TORCH_CASES[name]
-    path = export_cached(name, dynamo)
+    path = export_cached(name, dynamo, keep_bn)
     for seed in (0, 1):  # two different random selections of channels
         check_prune(path, tmp_path, method="random", seed=seed, ratio=0.5,
                     prunable=case.prunable)
