@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -18,6 +19,7 @@ from .analyze.graph import Analysis
 from .errors import UnsupportedModelError
 from .load import ORIGIN, clear_intermediate_shapes, infer_shapes, opset, origin
 from .plan import Selection, removed_roots
+from .score import release
 
 
 @dataclass
@@ -33,13 +35,58 @@ def _take(array: np.ndarray, keeps: dict[int, np.ndarray]) -> np.ndarray:
     return array
 
 
+_STREAM_BYTES = 1 << 20  # external tensors from this size are sliced while being written
+_WINDOW_BYTES = 64 << 20  # source bytes read at a time when streaming
+
+
+class _StreamedSlice(ir.LazyTensor):
+    """A slice of an external tensor, written to the output file window by window.
+
+    Reading the source with plain file reads (not a memory map) keeps resident memory
+    at one window (~64 MB) however large the tensor is.
+    """
+
+    def __init__(self, source: ir.ExternalTensor, keeps: dict[int, np.ndarray], shape, name):
+        self._source, self._keeps = source, keeps
+        super().__init__(self._whole, dtype=source.dtype, shape=ir.Shape(shape), name=name)
+
+    def _whole(self):
+        sliced = _take(self._source.numpy(), self._keeps)
+        release(self._source)
+        return ir.tensor(sliced, dtype=self._source.dtype, name=self.name)
+
+    def tofile(self, file) -> None:
+        src = self._source
+        shape = [int(d) for d in src.shape]
+        dtype = src.dtype.numpy()
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        window = max(1, _WINDOW_BYTES // max(row_bytes, 1))
+        keep0 = self._keeps.get(0, np.ones(shape[0], dtype=bool))
+        rest = {a: k for a, k in self._keeps.items() if a != 0}
+        path = Path(src.base_dir) / src.location
+        with open(path, "rb") as handle:
+            for r0 in range(0, shape[0], window):
+                r1 = min(shape[0], r0 + window)
+                rows = np.flatnonzero(keep0[r0:r1])
+                if len(rows) == 0:
+                    continue
+                handle.seek((src.offset or 0) + r0 * row_bytes)
+                block = np.frombuffer(handle.read((r1 - r0) * row_bytes), dtype=dtype)
+                block = block.reshape([r1 - r0, *shape[1:]])[rows]
+                file.write(np.ascontiguousarray(_take(block, rest)).tobytes())
+
+
 def _sliced_tensor(source: ir.TensorProtocol, keeps: dict[int, np.ndarray], name: str):
     shape = list(source.shape)
     for axis, keep in keeps.items():
         shape[axis] = int(keep.sum())
+    if isinstance(source, ir.ExternalTensor) and source.nbytes >= _STREAM_BYTES:
+        return _StreamedSlice(source, keeps, shape, name)
 
     def compute():
-        return ir.tensor(_take(source.numpy(), keeps), dtype=source.dtype, name=name)
+        sliced = _take(source.numpy(), keeps)
+        release(source)  # unmap the input's pages once copied out
+        return ir.tensor(sliced, dtype=source.dtype, name=name)
     if source.nbytes < (1 << 20):
         return compute()
     return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(shape), name=name)
@@ -116,13 +163,14 @@ def apply(analysis: Analysis, selection: Selection) -> Surgery:
         first = next(iter(per_use.values()))
         if len(set(keys.values())) == 1:
             unshared = _replace_constant(graph, value, keys,
-                                         lambda name: _sliced_tensor(source, first, name))
+                                         lambda name, s=source, k=first: _sliced_tensor(s, k, name))
         else:
             unshared = {}
             for use, axes in per_use.items():
                 unshared.update(_replace_constant(
                     graph, value, {use: keys[use]},
-                    lambda name, axes=axes: _sliced_tensor(source, axes, name), force_copy=True))
+                    lambda name, s=source, axes=axes: _sliced_tensor(s, axes, name),
+                    force_copy=True))
         recorded = set()
         for (node, index), axes in per_use.items():
             consumer = node.name if unshared[(node, index)] else None

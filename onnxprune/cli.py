@@ -11,7 +11,6 @@ Exit codes: 0 ok, 1 internal error, 2 bad arguments, 3 bad input file,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import onnx_ir as ir
 
 from .analyze.graph import Analysis, Group
 from .analyze.sites import Producer
@@ -109,16 +110,28 @@ NORMALIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "sum": lambda s: s / (np.abs(s).sum() or 1.0),
     "none": lambda s: s,
 }
-REDUCTIONS: dict[str, Callable[[np.ndarray], float]] = {
-    "mean": np.mean, "sum": np.sum, "max": np.max, "min": np.min,
-}
+REDUCTIONS = ("mean", "sum", "max", "min")
 
 
 def producer_scores(producer: Producer, method: str, **options) -> np.ndarray:
     if method not in SCORERS:
         raise UsageError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     f = filters(producer)
-    return SCORERS[method](f, **options) if method == "fpgm" else SCORERS[method](f)
+    scores = SCORERS[method](f, **options) if method == "fpgm" else SCORERS[method](f)
+    del f  # the view pins the memory map
+    release(producer.node.inputs[producer.weight].const_value)
+    return scores
+
+
+def release(tensor) -> None:
+    """Unmap a memory-mapped weight once read, so resident memory stays near one layer.
+
+    Best effort: a map still referenced elsewhere stays mapped."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
 
 
 def score_group(analysis: Analysis, group: Group, method: str, *, normalizer: str = "mean",
@@ -134,13 +147,18 @@ def score_group(analysis: Analysis, group: Group, method: str, *, normalizer: st
         rng = rng or np.random.default_rng(0)
         return rng.random(group.channels)
     position = {int(r): k for k, r in enumerate(group.classes)}
-    collected: list[list[float]] = [[] for _ in range(group.channels)]
+    where, values = [], []
     for producer in group.producers:
-        s = NORMALIZERS[normalizer](producer_scores(producer, method, **options))
-        for root, value in zip(analysis.roots[producer.ids], s):
-            collected[position[int(root)]].append(float(value))
-    reduce = REDUCTIONS[reduction]
-    return np.array([reduce(np.array(v)) for v in collected])
+        values.append(NORMALIZERS[normalizer](producer_scores(producer, method, **options)))
+        where.append([position[int(r)] for r in analysis.roots[producer.ids]])
+    where, values = np.concatenate(where), np.concatenate(values)
+    # Reduce the scores of the producer channels that make up each group channel.
+    if reduction in ("mean", "sum"):
+        out = np.bincount(where, weights=values, minlength=group.channels)
+        return out / np.bincount(where, minlength=group.channels) if reduction == "mean" else out
+    out = np.full(group.channels, -np.inf if reduction == "max" else np.inf)
+    (np.maximum if reduction == "max" else np.minimum).at(out, where, values)
+    return out
 
 
 def score(analysis: Analysis, method: str, *, seed: int = 0, groups: list[Group] | None = None,

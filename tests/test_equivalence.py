@@ -8,7 +8,6 @@ real models of other frameworks in ../shared/models.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import onnx
 import pytest

@@ -73,3 +73,24 @@ def test_normalization_lifts_and_folds(tmp_path):
         if node.op_type == "Conv":
             assert node.inputs[1].const_value is not None
             assert node.inputs[1].const_value.numpy().dtype == np.float32
+
+
+def test_large_external_tensors_are_sliced_while_streaming(tmp_path, monkeypatch):
+    """External weights are sliced window by window as the output is written; the result
+    must still be exactly the oracle's."""
+    import sys
+
+    from conftest import residual_model
+    from oracle import check_prune
+
+    apply_module = sys.modules["onnxprune.apply"]
+    monkeypatch.setattr(apply_module, "_STREAM_BYTES", 1)
+    monkeypatch.setattr(apply_module, "_WINDOW_BYTES", 200)  # a few rows per window
+    path = tmp_path / "ext.onnx"
+    onnx.save(residual_model(channels=24), str(path), save_as_external_data=True,
+              location="ext.onnx.data", size_threshold=0)
+    result = check_prune(path, tmp_path, method="fpgm", ratio=0.4)
+    assert (result.path.parent / (result.path.name + ".data")).is_file()
+    streamed = [n.inputs[1].const_value for n in result.surgery.model.graph
+                if n.op_type == "Conv"]
+    assert any(isinstance(t, apply_module._StreamedSlice) for t in streamed)

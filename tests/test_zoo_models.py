@@ -161,7 +161,7 @@ def test_torch_case_builds(name):
 def _export_params():
     params = []
     for name, case in TORCH_CASES.items():
-        for mode, (dynamo, keep_bn) in MODES.items():
+        for mode, (dynamo, _keep_bn) in MODES.items():
             if mode == "dynamo_keepbn" and name not in DYNAMO_KEEP_BN_CASES:
                 continue
             marks = []
