@@ -20,10 +20,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, report
 from .errors import OnnxPruneError, UsageError
-from .pipeline import Options, analysis_report, default_output, prune
+from .pipeline import Options, analysis_report, default_output, prune, sensitivity_report
 from .score import METHODS, NORMALIZERS, REDUCTIONS
+from .sensitivity import DEFAULT_RATIOS
 
-COMMANDS = ("prune", "analyze", "apply")
+COMMANDS = ("prune", "analyze", "apply", "eval", "sensitivity")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +78,25 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                          help="FPGM official-code variant: prune the int(F*C) smallest-norm "
                               "filters first (default 0: the paper's form)")
     prune_p.add_argument("--seed", type=int, default=0, help="seed for random and inputs")
+    budget = prune_p.add_argument_group("criteria that need data, and budgets")
+    budget.add_argument("--grads", metavar="NPZ",
+                        help="stored gradients for taylor, taylor-sq, taylor-bn (see README)")
+    budget.add_argument("--scope", choices=["local", "global"], default="local",
+                        help="rank channels per group (local) or across all groups (global)")
+    budget.add_argument("--max-layer-ratio", type=float, default=1.0, metavar="R",
+                        help="no group loses more than this fraction (never all channels)")
+    budget.add_argument("--target-macs", type=float, metavar="F",
+                        help="prune until MACs are at most F of the original (e.g. 0.5)")
+    budget.add_argument("--ratio-for", action="append", default=[], metavar="PATTERN=R",
+                        help="ratio for the groups whose layers match PATTERN (repeatable)")
+    budget.add_argument("--ratios-from", metavar="JSON",
+                        help="per-group ratios from `onnxprune sensitivity` (with --target-macs)")
+    budget.add_argument("--hgsr-form", choices=["l1/2", "l2"], default="l1/2",
+                        help="HGSR feature-wise score: squared group L1/2 (default) or L2")
+    budget.add_argument("--samples", type=int, default=128,
+                        help="training samples for HGSR's greedy selection (default 128)")
+    budget.add_argument("--candidates", type=int, default=1,
+                        help="HGSR greedy: lowest-scored candidates per group and step")
     _add_validation(prune_p)
 
     analyze_p = _Parser(prog="onnxprune analyze",
@@ -93,7 +113,38 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     apply_p.add_argument("-o", "--output", required=True)
     apply_p.add_argument("--plan", metavar="JSON", help="write the applied plan again")
     _add_validation(apply_p)
-    return {"prune": prune_p, "analyze": analyze_p, "apply": apply_p}
+    eval_p = _Parser(prog="onnxprune eval",
+                     description="Accuracy, agreement, latency, params and MACs of one model, "
+                                 "or of two side by side.")
+    eval_p.add_argument("model")
+    eval_p.add_argument("other", nargs="?", help="a second model to compare with")
+    eval_p.add_argument("--data", metavar="NPZ", help=".npz with x and optional labels y")
+    eval_p.add_argument("--threads", type=int, default=1)
+    eval_p.add_argument("--batch", type=int, default=1, help="latency batch size")
+    eval_p.add_argument("--repeat", type=int, default=30)
+    eval_p.add_argument("--warmup", type=int, default=5)
+    eval_p.add_argument("--seed", type=int, default=0)
+    eval_p.add_argument("--eval-batch", type=int, default=64)
+    eval_p.add_argument("--json", action="store_true")
+    eval_p.add_argument("--debug", action="store_true")
+
+    sens_p = _Parser(prog="onnxprune sensitivity",
+                     description="Prune each group alone at ratios 0.1…0.9 and measure.")
+    sens_p.add_argument("model")
+    sens_p.add_argument("--data", metavar="NPZ", required=True)
+    sens_p.add_argument("--method", default="fpgm", choices=METHODS)
+    sens_p.add_argument("--grads", metavar="NPZ")
+    sens_p.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)))
+    sens_p.add_argument("--samples", type=int, default=512, help="data rows used (default 512)")
+    sens_p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+    sens_p.add_argument("-o", "--output", help="JSON (default MODEL.sensitivity.json)")
+    sens_p.add_argument("--plot", help="PNG (default: the JSON path with .png)")
+    sens_p.add_argument("--threads", type=int, default=1)
+    sens_p.add_argument("--seed", type=int, default=0)
+    sens_p.add_argument("--json", action="store_true")
+    sens_p.add_argument("--debug", action="store_true")
+    return {"prune": prune_p, "analyze": analyze_p, "apply": apply_p, "eval": eval_p,
+            "sensitivity": sens_p}
 
 
 @contextmanager
@@ -118,7 +169,13 @@ def _options(args: argparse.Namespace) -> Options:
         reduction=getattr(args, "reduction", "mean"),
         fpgm_norm_fraction=getattr(args, "fpgm_norm_fraction", 0.0),
         seed=getattr(args, "seed", 0), validate=args.validate, data=args.data,
-        threads=args.threads, batch=args.batch, repeat=args.repeat)
+        threads=args.threads, batch=args.batch, repeat=args.repeat,
+        grads=getattr(args, "grads", None), scope=getattr(args, "scope", "local"),
+        max_layer_ratio=getattr(args, "max_layer_ratio", 1.0),
+        target_macs=getattr(args, "target_macs", None),
+        ratio_for=getattr(args, "ratio_for", []), hgsr_form=getattr(args, "hgsr_form", "l1/2"),
+        samples=getattr(args, "samples", 128), candidates=getattr(args, "candidates", 1),
+        ratios_from=getattr(args, "ratios_from", None))
 
 
 def run(argv: Sequence[str]) -> int:
@@ -135,6 +192,26 @@ def run(argv: Sequence[str]) -> int:
             print(report.dump_json(result))
         else:
             report.print_analysis(out, result)
+        return 0
+    if command == "eval":
+        from .evaluate import EvalOptions, evaluate, print_eval
+
+        opts = EvalOptions(data=args.data, threads=args.threads, batch=args.batch,
+                           repeat=args.repeat, warmup=args.warmup, seed=args.seed,
+                           eval_batch=args.eval_batch)
+        with _progress(err, not args.json and err.is_terminal) as progress:
+            result = evaluate(args.model, args.other, opts, progress=progress)
+        print(report.dump_json(result)) if args.json else print_eval(out, result)
+        return 0
+    if command == "sensitivity":
+        with _progress(err, not args.json and err.is_terminal) as progress:
+            result = sensitivity_report(args, progress)
+        if args.json:
+            print(report.dump_json(result))
+        else:
+            out.print(f"wrote {result['output']} and {result['plot']} "
+                      f"({len(result['groups'])} groups, metric: {result['metric']}, "
+                      f"baseline {result['baseline']:.4f})")
         return 0
     options = _options(args)
     output = args.output or default_output(args.model)

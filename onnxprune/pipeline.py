@@ -6,21 +6,23 @@ a plain dict (the report), so the CLI only parses arguments and prints.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import validate
+from . import criteria, validate
 from .analyze import Analysis, analyze
 from .apply import Surgery, apply
 from .errors import UsageError
 from .load import check_output_path, load_normalized, save_model
 from .metrics import node_costs, total_macs, total_params
-from .plan import (Selection, check_ratio, plan_document, read_plan, select,
-                   selection_from_plan, write_plan)
+from .plan import (Selection, channels_to_remove, check_ratio, parse_ratio_for, plan_document,
+                   read_plan, select, selection_from_plan, write_plan)
 from .score import METHODS, score
 
 
@@ -36,6 +38,15 @@ class Options:
     reduction: str = "mean"
     fpgm_norm_fraction: float = 0.0
     seed: int = 0
+    grads: str | None = None
+    scope: str = "local"
+    max_layer_ratio: float = 1.0
+    target_macs: float | None = None
+    ratio_for: list[str] = field(default_factory=list)
+    hgsr_form: str = "l1/2"
+    samples: int = 128
+    candidates: int = 1
+    ratios_from: str | None = None
     validate: bool = True
     data: str | None = None
     threads: int = 1
@@ -49,7 +60,11 @@ class Options:
             raise UsageError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         if not 0 <= self.fpgm_norm_fraction < 1:
             raise UsageError("--fpgm-norm-fraction must be in [0, 1)")
-        for name in ("threads", "batch", "repeat", "round_to"):
+        if self.ratios_from and self.target_macs is None:
+            raise UsageError("--ratios-from needs --target-macs")
+        if self.hgsr_form not in criteria.HGSR_FORMS:
+            raise UsageError(f"--hgsr-form must be one of {', '.join(criteria.HGSR_FORMS)}")
+        for name in ("threads", "batch", "repeat", "round_to", "samples", "candidates"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
 
@@ -93,6 +108,9 @@ def prune(path: str | os.PathLike, output: str | os.PathLike, options: Options,
     if options.validate and options.data:
         x, y = validate.load_data(options.data)
 
+    notes: list[str] = []
+    if x is None and options.method == "hgsr" and options.data:
+        x, y = validate.load_data(options.data)
     model = load_normalized(path)
     if x is not None:
         validate.check_feed(model, x)
@@ -104,19 +122,13 @@ def prune(path: str | os.PathLike, output: str | os.PathLike, options: Options,
         selection = selection_from_plan(a, document_in)
         method, ratio = document_in.get("method", "plan"), document_in.get("ratio")
     else:
-        prunable = [g for g in a.groups if g.prunable]
-        step = progress(f"scoring {len(prunable)} groups ({options.method})", len(prunable))
-        scores = score(a, options.method, seed=options.seed, groups=prunable,
-                       progress=lambda _g: step(), normalizer=options.normalizer,
-                       reduction=options.reduction,
-                       **({"norm_fraction": options.fpgm_norm_fraction}
-                          if options.method == "fpgm" else {}))
-        selection = select(a, scores, options.ratio, options.round_to)
-        method, ratio = options.method, options.ratio
+        selection, method, ratio = _choose(path, a, options, x, y, progress, notes)
     surgery = apply(a, selection)
     document = plan_document(
         a, selection, model=str(path), method=method, ratio=ratio,
         options={"round_to": options.round_to, "exclude": options.exclude,
+                 "scope": options.scope, "target_macs": options.target_macs,
+                 "ratio_for": options.ratio_for, "max_layer_ratio": options.max_layer_ratio,
                  "normalizer": options.normalizer, "reduction": options.reduction,
                  "fpgm_norm_fraction": options.fpgm_norm_fraction, "seed": options.seed},
         slices=surgery.slices, updates=surgery.updates)
@@ -125,6 +137,7 @@ def prune(path: str | os.PathLike, output: str | os.PathLike, options: Options,
 
     report = _prune_dict(str(path), a, selection, surgery, method, options, costs_before,
                          params_before, macs_before)
+    report["notes"] = notes
     check = None
     if options.validate:
         def check(tmp_path: Path) -> None:
@@ -139,6 +152,49 @@ def prune(path: str | os.PathLike, output: str | os.PathLike, options: Options,
     if options.validate:
         report.update(measure(path, output, options, x, y, progress))
     return report
+
+
+def _choose(path, a: Analysis, options: Options, x, y, progress: Progress,
+            notes: list[str]) -> tuple[Selection, str, float]:
+    """Score and select, by the options: a ratio, a MACs target, sensitivity ratios, or
+    HGSR's loss-based greedy selection."""
+    prunable = [g for g in a.groups if g.prunable]
+    grads = criteria.Gradients(options.grads) if options.grads else None
+    step = progress(f"scoring {len(prunable)} groups ({options.method})", len(prunable))
+    scores = score(a, options.method, seed=options.seed, groups=prunable,
+                   progress=lambda _g: step(), normalizer=options.normalizer,
+                   reduction=options.reduction, grads=grads, hgsr_form=options.hgsr_form,
+                   **({"norm_fraction": options.fpgm_norm_fraction}
+                      if options.method == "fpgm" else {}))
+    ratio_for = parse_ratio_for(options.ratio_for)
+    if options.method == "hgsr" and x is not None:
+        from .greedy import greedy_select, sample, targets_for
+        from .masks import MaskedModel
+
+        masked = MaskedModel(path, options.exclude, options.threads)
+        xs, ys = sample(x, y, options.samples, options.seed)
+        targets, source = targets_for(masked, xs, ys)
+        total = sum(channels_to_remove(g.channels, options.ratio, 1) for g in prunable)
+        start = time.perf_counter()
+        step = progress("HGSR greedy selection", total)
+        selection, trace = greedy_select(masked, scores, xs, targets, options.ratio,
+                                         candidates=options.candidates, ratio_for=ratio_for,
+                                         max_layer_ratio=options.max_layer_ratio, on_step=step)
+        notes.append(f"HGSR greedy selection on {len(xs)} samples against {source}: "
+                     f"{len(trace)} removals in {time.perf_counter() - start:.1f} s")
+        return selection, options.method, options.ratio
+    if options.method == "hgsr":
+        notes.append("HGSR without --data: channels ranked by the feature-wise score only")
+    if options.ratios_from:
+        from .sensitivity import allocate, read_sensitivity
+
+        selection = allocate(a, scores, read_sensitivity(options.ratios_from),
+                             options.target_macs, options.round_to)
+        return selection, options.method, options.ratio
+    selection = select(a, scores, options.ratio, options.round_to, scope=options.scope,
+                       ratio_for=ratio_for, max_layer_ratio=options.max_layer_ratio,
+                       target_macs=options.target_macs)
+    return selection, options.method, options.ratio
 
 
 def _check_same_slices(expected: dict, got: dict) -> None:
@@ -172,6 +228,7 @@ def _prune_dict(path: str, a: Analysis, selection: Selection, surgery: Surgery, 
     pruned = [g for g in groups if g["kept"] < g["channels"]]
     return {
         "model": path, "method": method, "ratio": options.ratio, "round_to": options.round_to,
+        "scope": options.scope, "target_macs": options.target_macs,
         "groups": groups,
         "frozen_groups": sum(1 for g in a.groups if g.frozen),
         "total": {
@@ -216,6 +273,40 @@ def measure(before: str | os.PathLike, after: str | os.PathLike, options: Option
                       "repeat": options.repeat, "before_ms": b * 1e3, "after_ms": c * 1e3,
                       "ratio": c / b if b else float("nan")}
     return out
+
+
+def sensitivity_report(args, progress: Progress = _no_progress) -> dict:
+    """`onnxprune sensitivity`: the sweep, its JSON and its plot."""
+    from .masks import MaskedModel
+    from .report import write_text_atomic
+    from .sensitivity import plot, sweep
+
+    try:
+        ratios = [check_ratio(float(r)) for r in str(args.ratios).split(",") if r.strip()]
+    except ValueError:
+        raise UsageError(f"--ratios takes numbers like 0.1,0.5, got '{args.ratios}'") from None
+    if args.samples < 1:
+        raise UsageError("--samples must be at least 1")
+    output = Path(args.output) if args.output else \
+        Path(args.model).with_name(Path(args.model).stem + ".sensitivity.json")
+    picture = Path(args.plot) if args.plot else output.with_suffix(".png")
+    for p in (output, picture):
+        check_output_path(p, [args.model, args.data])
+    x, y = validate.load_data(args.data)
+    masked = MaskedModel(args.model, args.exclude, args.threads)
+    validate.check_feed(masked.analysis.model, x)
+    if len(x) > args.samples:
+        from .greedy import sample
+        x, y = sample(x, y, args.samples, args.seed)
+    grads = criteria.Gradients(args.grads) if args.grads else None
+    prunable = [g for g in masked.analysis.groups if g.prunable]
+    scores = score(masked.analysis, args.method, seed=args.seed, groups=prunable, grads=grads)
+    step = progress(f"sensitivity of {len(prunable)} groups", len(prunable) * len(ratios))
+    document = sweep(masked, scores, x, y, ratios, model=str(args.model), method=args.method,
+                     on_step=step)
+    write_text_atomic(output, json.dumps(document, indent=1) + "\n")
+    plot(document, picture)
+    return {**document, "output": str(output), "plot": str(picture)}
 
 
 def default_output(path: str | os.PathLike) -> Path:

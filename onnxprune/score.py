@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 from .analyze.graph import Analysis, Group
 from .analyze.sites import Producer
+from . import criteria
+from .criteria import Gradients
 from .errors import UsageError
 
 _CHUNK_BYTES = 64 << 20
@@ -102,7 +104,8 @@ def fpgm(f: np.ndarray, norm_fraction: float = 0.0) -> np.ndarray:
 
 
 SCORERS: dict[str, Callable[..., np.ndarray]] = {"l1": l1, "l2": l2, "fpgm": fpgm}
-METHODS = (*SCORERS, "random")
+GRADIENT_METHODS = ("taylor", "taylor-sq", "taylor-bn")
+METHODS = (*SCORERS, "random", *GRADIENT_METHODS, "bn-scale", "hgsr")
 
 NORMALIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean": lambda s: s / (np.abs(s).mean() or 1.0),
@@ -113,7 +116,18 @@ NORMALIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 REDUCTIONS = ("mean", "sum", "max", "min")
 
 
-def producer_scores(producer: Producer, method: str, **options) -> np.ndarray:
+def producer_scores(producer: Producer, method: str, grads: Gradients | None = None,
+                    **options) -> np.ndarray | None:
+    """One layer's scores per output channel; None where the criterion has nothing to say
+    (bn-scale without a BatchNormalization after the layer)."""
+    if method in GRADIENT_METHODS:
+        if grads is None:
+            raise UsageError(f"--method {method} needs --grads FILE.npz")
+        if method == "taylor-bn":
+            return criteria.taylor_bn_scores(producer, grads)
+        return criteria.taylor_scores(producer, grads, squared=method == "taylor-sq")
+    if method == "bn-scale":
+        return criteria.bn_scale_scores(producer)
     if method not in SCORERS:
         raise UsageError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     f = filters(producer)
@@ -146,16 +160,26 @@ def score_group(analysis: Analysis, group: Group, method: str, *, normalizer: st
     if method == "random":
         rng = rng or np.random.default_rng(0)
         return rng.random(group.channels)
+    if method == "hgsr":
+        return criteria.hgsr_scores(analysis, group, options.get("hgsr_form", "l1/2"))
+    options.pop("hgsr_form", None)
     position = {int(r): k for k, r in enumerate(group.classes)}
     where, values = [], []
     for producer in group.producers:
-        values.append(NORMALIZERS[normalizer](producer_scores(producer, method, **options)))
+        s = producer_scores(producer, method, **options)
+        if s is None:
+            continue
+        values.append(NORMALIZERS[normalizer](s))
         where.append([position[int(r)] for r in analysis.roots[producer.ids]])
+    if not values:  # no producer of this group can be scored: keep all its channels
+        return np.full(group.channels, np.inf)
     where, values = np.concatenate(where), np.concatenate(values)
     # Reduce the scores of the producer channels that make up each group channel.
     if reduction in ("mean", "sum"):
         out = np.bincount(where, weights=values, minlength=group.channels)
-        return out / np.bincount(where, minlength=group.channels) if reduction == "mean" else out
+        count = np.bincount(where, minlength=group.channels)
+        out[count == 0] = np.inf  # channels no scored layer produces are kept
+        return out / np.maximum(count, 1) if reduction == "mean" else out
     out = np.full(group.channels, -np.inf if reduction == "max" else np.inf)
     (np.maximum if reduction == "max" else np.minimum).at(out, where, values)
     return out
@@ -176,4 +200,8 @@ def score(analysis: Analysis, method: str, *, seed: int = 0, groups: list[Group]
             out[group.index] = score_group(analysis, group, method, rng=rng, **options)
         if progress:
             progress(group)
+    if method == "bn-scale" and out and not any(np.isfinite(v).any() for v in out.values()):
+        raise UsageError("--method bn-scale needs an unfused BatchNormalization after the "
+                         "pruned layers, and this model has none (the exporter probably "
+                         "folded BN into the convolutions); choose another method")
     return out

@@ -13,7 +13,7 @@ from ..errors import UnsupportedModelError
 from ..load import opset, origin
 from .channels import ChannelMap, IdSpace
 from .rules import QUANTIZED_OPS, RULES
-from .sites import Alive, AttrRewrite, ConstRewrite, Producer, SliceSite, SplitRewrite
+from .sites import Alive, AttrRewrite, ConstRewrite, Producer, Read, SliceSite, SplitRewrite
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Analysis:
     const_rewrites: list[ConstRewrite]
     attr_rewrites: list[AttrRewrite]
     split_rewrites: list[SplitRewrite]
+    reads: list[Read] = field(default_factory=list)
     total_macs: int = 0
 
     def alive(self, removed: Iterable[int]) -> Alive:
@@ -78,6 +79,7 @@ class Context:
         self.attr_rewrites: list[AttrRewrite] = []
         self.split_rewrites: list[SplitRewrite] = []
         self.members: list[tuple[ir.Node, np.ndarray]] = []
+        self.reads: list[Read] = []
 
     # -- reading
     def map(self, value: ir.Value | None) -> ChannelMap | None:
@@ -127,8 +129,15 @@ class Context:
         for v in node.inputs:
             self.freeze(self.map(v), reason)
 
-    def slice(self, node: ir.Node, index: int, axis: int, ids: np.ndarray) -> None:
-        self.slices.append(SliceSite(node, index, axis, np.asarray(ids).ravel()))
+    def slice(self, node: ir.Node, index: int, axis: int, ids: np.ndarray,
+              role: str = "param") -> None:
+        self.slices.append(SliceSite(node, index, axis, np.asarray(ids).ravel(), role))
+
+    def consume(self, node: ir.Node, weight: int, weight_axis: int, ids: np.ndarray,
+                data: ChannelMap) -> None:
+        """A layer reads channels: slice its weight's input axis, and note the read."""
+        self.slice(node, weight, weight_axis, ids, role="consumer")
+        self.reads.append(Read(node, 0, data.axes[0], data.ids, data.rank))
 
     def rewrite_const(self, node: ir.Node, index: int, compute) -> None:
         self.const_rewrites.append(ConstRewrite(node, index, compute))
@@ -153,7 +162,7 @@ class Context:
             frozen = f"'{node.name}' excluded by --exclude"
         ids = self.ids.new(count, frozen=frozen)
         self.producers.append(Producer(node, weight, axis, ids))
-        self.slice(node, weight, axis, ids)
+        self.slice(node, weight, axis, ids, role="producer")
         out_axis = rank - 1 if node.op_type == "MatMul" else 1
         self.set(output, ChannelMap(rank, (out_axis,), ids))
 
@@ -225,7 +234,7 @@ def analyze(model: ir.Model, exclude: Iterable[str] = ()) -> Analysis:
     for g in groups:
         g.macs = sum(costs[n].macs for n in g.nodes if n in costs)
     return Analysis(model, ctx.ids, roots, groups, ctx.producers, ctx.slices,
-                    ctx.const_rewrites, ctx.attr_rewrites, ctx.split_rewrites, total)
+                    ctx.const_rewrites, ctx.attr_rewrites, ctx.split_rewrites, ctx.reads, total)
 
 
 def _build_groups(ctx: Context, roots: np.ndarray) -> list[Group]:

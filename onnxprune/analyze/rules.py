@@ -70,7 +70,7 @@ def conv(ctx: Context, node: ir.Node) -> None:
         m = None
     if group == 1:
         if m is not None:
-            ctx.slice(node, 1, 1, m.ids)
+            ctx.consume(node, 1, 1, m.ids, m)
         ctx.produce(node, weight=1, axis=0, count=cout, output=node.outputs[0], rank=rank)
         _bias(ctx, node, 2)
         return
@@ -98,7 +98,7 @@ def conv(ctx: Context, node: ir.Node) -> None:
         per_group = m.ids.reshape(group, cin_per_group)
         for k in range(1, group):
             ctx.ids.unify(per_group[0], per_group[k])
-        ctx.slice(node, 1, 1, per_group[0])
+        ctx.consume(node, 1, 1, per_group[0], m)
     ctx.produce(node, weight=1, axis=0, count=cout, output=node.outputs[0], rank=rank)
     out = ctx.map(node.outputs[0]).ids.reshape(group, cout // group)
     for k in range(1, group):
@@ -119,7 +119,7 @@ def conv_transpose(ctx: Context, node: ir.Node) -> None:
         m = None
     if group == 1:
         if m is not None:
-            ctx.slice(node, 1, 0, m.ids)
+            ctx.consume(node, 1, 0, m.ids, m)
         ctx.produce(node, weight=1, axis=1, count=wshape[1], output=node.outputs[0], rank=rank)
         _bias(ctx, node, 2)
         return
@@ -167,7 +167,7 @@ def gemm(ctx: Context, node: ir.Node) -> None:
         if m.axes != (1,):
             ctx.freeze(m, f"Gemm '{node.name}' reads channels on an axis other than 1")
         else:
-            ctx.slice(node, 1, 1 if trans_b else 0, m.ids)
+            ctx.consume(node, 1, 1 if trans_b else 0, m.ids, m)
     ctx.produce(node, weight=1, axis=0 if trans_b else 1, count=bshape[0 if trans_b else 1],
                 output=node.outputs[0], rank=2)
     _bias(ctx, node, 2, broadcast=True)
@@ -189,7 +189,7 @@ def matmul(ctx: Context, node: ir.Node) -> None:
         if ma.axes != (rank - 1,):
             ctx.freeze(ma, f"MatMul '{node.name}' with channels off the reduced axis")
         else:
-            ctx.slice(node, 1, 0, ma.ids)
+            ctx.consume(node, 1, 0, ma.ids, ma)
     ctx.produce(node, weight=1, axis=1, count=bshape[1], output=node.outputs[0], rank=rank)
 
 

@@ -29,12 +29,32 @@ class Producer:
 
 @dataclass
 class SliceSite:
-    """Constant input `input` of `node` loses the positions along `axis` whose ids are removed."""
+    """Constant input `input` of `node` loses the positions along `axis` whose ids are removed.
+
+    `role` says why: "producer" (a layer's output filters), "consumer" (a layer's weights
+    that read the channels: the feature-wise groups of HGSR), or "param" (biases,
+    normalization parameters, per-channel constants, depthwise filters).
+    """
 
     node: ir.Node
     input: int
     axis: int
     ids: np.ndarray
+    role: str = "param"
+
+
+@dataclass
+class Read:
+    """Layer `node` reads channels `ids` on `axis` of its data input `input`.
+
+    Multiplying that input by a 0/1 mask on those positions computes exactly what the
+    pruned model computes: a score-time stand-in for surgery (see masks.py)."""
+
+    node: ir.Node
+    input: int
+    axis: int
+    ids: np.ndarray
+    rank: int
 
 
 @dataclass

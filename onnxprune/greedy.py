@@ -1,0 +1,68 @@
+"""HGSR's loss-based greedy channel selection (Mitsuno, Miyao and Kurita, ICPR 2020).
+
+Candidates are ranked globally by the feature-wise score (criteria.hgsr_scores). At
+each step, each group offers its `candidates` lowest-scored remaining channels; the
+one whose removal raises the cross-entropy on the sampled training data least is
+removed. Steps repeat until as many channels are gone as the ratio asks (floor(r·C)
+per group, summed). Each candidate costs one onnxruntime run of the masked model on
+the samples, so a run costs about steps × groups × candidates model evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from .analyze import Analysis
+from .masks import MaskedModel, cross_entropy
+from .plan import Selection, _cap, _group_ratio
+
+
+def sample(x: np.ndarray, y: np.ndarray | None, count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(x), size=min(count, len(x)), replace=False))
+    return x[pick], (y[pick] if y is not None else None)
+
+
+def greedy_select(masked: MaskedModel, scores: dict[int, np.ndarray], x: np.ndarray,
+                  targets: np.ndarray, ratio: float, *, candidates: int = 1,
+                  ratio_for=(), max_layer_ratio: float = 1.0,
+                  on_step: Callable[[], None] | None = None) -> tuple[Selection, list[dict]]:
+    """Returns the selection and the trace: one entry per removal, with its loss."""
+    a: Analysis = masked.analysis
+    groups = {g.index: g for g in a.groups if g.prunable and g.index in scores}
+    budget = sum(math.floor(_group_ratio(g, ratio, ratio_for) * g.channels + 1e-9)
+                 for g in groups.values())
+    order = {i: list(np.argsort(scores[i], kind="stable")) for i in groups}
+    removed: dict[int, list[int]] = {i: [] for i in groups}
+    removed_classes: list[int] = []
+    trace = []
+    for _ in range(budget):
+        offers = []
+        for i, g in groups.items():
+            if len(removed[i]) >= _cap(g, max_layer_ratio):
+                continue
+            remaining = [k for k in order[i] if k not in removed[i]]
+            offers += [(i, int(k)) for k in remaining[:candidates]]
+        if not offers:
+            break
+        losses = [cross_entropy(masked.run(x, [*removed_classes, int(groups[i].classes[k])]),
+                                targets) for i, k in offers]
+        best = int(np.argmin(losses))
+        i, k = offers[best]
+        removed[i].append(k)
+        removed_classes.append(int(groups[i].classes[k]))
+        trace.append({"group": i, "channel": k, "loss": losses[best]})
+        if on_step:
+            on_step()
+    selection = {i: np.array(sorted(p), dtype=np.int64) for i, p in removed.items() if p}
+    return selection, trace
+
+
+def targets_for(masked: MaskedModel, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Labels if given, else the original model's own predictions."""
+    if y is not None:
+        return y.astype(np.int64), "labels"
+    return masked.run(x).reshape(len(x), -1).argmax(axis=1), "the original model's predictions"
