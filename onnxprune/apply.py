@@ -17,7 +17,8 @@ import onnx_ir as ir
 
 from .analyze.graph import Analysis
 from .errors import UnsupportedModelError
-from .load import ORIGIN, clear_intermediate_shapes, infer_shapes, opset, origin
+from .load import (ORIGIN, clear_intermediate_shapes, copy_origin, infer_shapes, opset,
+                   origin, origin_axis)
 from .plan import Selection, removed_roots
 from .score import release
 
@@ -99,7 +100,7 @@ def _new_initializer(graph: ir.Graph, like: ir.Value, tensor, name: str) -> ir.V
     tensor.name = unique
     value = ir.Value(name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
-    value.meta[ORIGIN] = origin(like)
+    copy_origin(value, like)
     graph.register_initializer(value)
     return value
 
@@ -179,7 +180,7 @@ def apply(analysis: Analysis, selection: Selection) -> Surgery:
                 if entry in recorded:
                     continue
                 recorded.add(entry)
-                item = {"tensor": origin(value), "axis": int(axis),
+                item = {"tensor": origin(value), "axis": origin_axis(value, int(axis)),
                         "removed": np.flatnonzero(~keep).tolist()}
                 if consumer:
                     item["consumer"] = consumer

@@ -90,9 +90,32 @@ def opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
+#: value.meta key: for a constant folded from a Transpose of its origin, the axis of the
+#: origin tensor that each of its own axes is (the composed permutation).
+ORIGIN_PERM = "onnxprune.origin_perm"
+
+
 def origin(value: ir.Value) -> str:
     """The name a constant had in the input model."""
     return value.meta.get(ORIGIN, value.name)
+
+
+def origin_axis(value: ir.Value, axis: int) -> int:
+    """The axis of the origin tensor that `axis` of this (maybe transposed) constant is."""
+    perm = value.meta.get(ORIGIN_PERM)
+    return int(perm[axis]) if perm is not None else axis
+
+
+def value_axis(value: ir.Value, axis: int) -> int:
+    """The inverse of origin_axis: this constant's axis for an origin-tensor axis."""
+    perm = value.meta.get(ORIGIN_PERM)
+    return list(perm).index(axis) if perm is not None else axis
+
+
+def copy_origin(target: ir.Value, source: ir.Value) -> None:
+    target.meta[ORIGIN] = origin(source)
+    if ORIGIN_PERM in source.meta:
+        target.meta[ORIGIN_PERM] = source.meta[ORIGIN_PERM]
 
 
 def _fold_node(node: ir.Node, model_opset: int) -> list[np.ndarray]:
@@ -139,13 +162,22 @@ def fold_constants(model: ir.Model) -> int:
             continue
         if sum(r.nbytes for r in results) > _MAX_FOLD_BYTES and node.op_type not in _LAYOUT_ONLY:
             continue
-        same = node.op_type in _SAME_INDEXING
-        source = origin(node.inputs[0]) if same else None
         for out, array in zip(node.outputs, results):
             value = ir.Value(name=out.name, shape=ir.Shape(array.shape),
                              type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                              const_value=ir.tensor(array, name=out.name))
-            value.meta[ORIGIN] = source or origin(out)
+            value.meta[ORIGIN] = origin(out)
+            source = node.inputs[0]
+            if node.op_type in _SAME_INDEXING:
+                copy_origin(value, source)
+            elif node.op_type == "Transpose" and len(node.inputs) == 1:
+                # A transposed weight (MatMul of a Linear layer) keeps its source's name;
+                # its axes are recorded as the source's axes.
+                perm = node.attributes.get("perm")
+                perm = list(perm.value) if perm is not None else \
+                    list(reversed(range(array.ndim)))
+                value.meta[ORIGIN] = origin(source)
+                value.meta[ORIGIN_PERM] = [origin_axis(source, p) for p in perm]
             out.replace_all_uses_with(value)
             graph.register_initializer(value)
         graph.remove(node, safe=True)

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from .errors import InputError, VerificationError
-from .load import ORIGIN, load_normalized, model_nbytes, origin, to_proto_bytes
+from .load import copy_origin, load_normalized, model_nbytes, origin, to_proto_bytes, value_axis
 
 _IN_MEMORY_LIMIT = 1_500_000_000
 
@@ -123,12 +123,12 @@ def zero_slices(model: ir.Model, slices: list[dict]) -> ir.Model:
                       {(n, i) for n, i, _ in uses}]
             array = value.const_value.numpy().copy()
             index = [slice(None)] * array.ndim
-            index[entry["axis"]] = entry["removed"]
+            index[value_axis(value, entry["axis"])] = entry["removed"]
             array[tuple(index)] = 0
             if shared:  # other users keep the original: give ours a zeroed copy
                 copy = ir.Value(name=f"{value.name}__zeroed_{len(model.graph.initializers)}",
                                 shape=value.shape, type=value.type, const_value=ir.tensor(array))
-                copy.meta[ORIGIN] = origin(value)
+                copy_origin(copy, value)
                 model.graph.register_initializer(copy)
                 for node, index_in, v in uses:
                     if v is value:
