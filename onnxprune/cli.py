@@ -24,7 +24,7 @@ from .pipeline import Options, analysis_report, default_output, prune, sensitivi
 from .score import METHODS, NORMALIZERS, REDUCTIONS
 from .sensitivity import DEFAULT_RATIOS
 
-COMMANDS = ("prune", "analyze", "apply", "eval", "sensitivity")
+COMMANDS = ("prune", "analyze", "apply", "eval", "sensitivity", "finetune")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,8 +143,24 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     sens_p.add_argument("--seed", type=int, default=0)
     sens_p.add_argument("--json", action="store_true")
     sens_p.add_argument("--debug", action="store_true")
+    tune_p = _Parser(prog="onnxprune finetune",
+                     description="Train an ONNX model with cross-entropy in PyTorch and write the "
+                                 "weights back into the same graph (needs onnxprune[torch]).")
+    tune_p.add_argument("model")
+    tune_p.add_argument("--data", metavar="NPZ", required=True, help=".npz with x and labels y")
+    tune_p.add_argument("-o", "--output", required=True)
+    tune_p.add_argument("--epochs", type=int, default=1)
+    tune_p.add_argument("--lr", type=float, default=1e-3)
+    tune_p.add_argument("--batch-size", type=int, default=64)
+    tune_p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    tune_p.add_argument("--momentum", type=float, default=0.9)
+    tune_p.add_argument("--weight-decay", type=float, default=0.0)
+    tune_p.add_argument("--seed", type=int, default=0)
+    tune_p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    tune_p.add_argument("--json", action="store_true")
+    tune_p.add_argument("--debug", action="store_true")
     return {"prune": prune_p, "analyze": analyze_p, "apply": apply_p, "eval": eval_p,
-            "sensitivity": sens_p}
+            "sensitivity": sens_p, "finetune": tune_p}
 
 
 @contextmanager
@@ -213,6 +229,15 @@ def run(argv: Sequence[str]) -> int:
                       f"({len(result['groups'])} groups, metric: {result['metric']}, "
                       f"baseline {result['baseline']:.4f})")
         return 0
+    if command == "finetune":
+        result = finetune_command(args, err)
+        if args.json:
+            print(report.dump_json(result))
+        else:
+            out.print(f"trained {args.epochs} epoch(s): loss {result['losses'][0]:.4f} → "
+                      f"{result['losses'][-1]:.4f}; top-1 {result['accuracy_before']:.2%} → "
+                      f"{result['accuracy_after']:.2%}; wrote {result['output']}")
+        return 0
     options = _options(args)
     output = args.output or default_output(args.model)
     with _progress(err, not args.json and err.is_terminal) as progress:
@@ -227,6 +252,28 @@ def run(argv: Sequence[str]) -> int:
                       "(see `onnxprune analyze`); the output is the normalized model")
         report.print_prune(out, result)
     return 0
+
+
+def finetune_command(args: argparse.Namespace, err: Console) -> dict:
+    from .load import check_output_path
+
+    check_output_path(args.output, [args.model, args.data])
+    try:
+        from onnxprune.adapters.torch.finetune import finetune
+    except ImportError as exc:
+        raise UsageError(f"finetune needs PyTorch: pip install 'onnxprune[torch]' ({exc})") \
+            from None
+    with _progress(err, not args.json and err.is_terminal) as start:
+        bars: dict[int, Callable[[], None]] = {}
+
+        def on_step(epoch: int, _step: int, steps: int, _loss: float) -> None:
+            if epoch not in bars:
+                bars[epoch] = start(f"epoch {epoch}/{args.epochs}", steps)
+            bars[epoch]()
+        return finetune(args.model, args.data, args.output, epochs=args.epochs, lr=args.lr,
+                        batch_size=args.batch_size, optimizer=args.optimizer,
+                        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
+                        device=args.device, progress=on_step)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
