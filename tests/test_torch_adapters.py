@@ -212,3 +212,22 @@ def test_hgsr_flow_trains_then_selects_greedily(tmp_path):
     report = prune_with_hgsr(model, inputs, x, None, tmp_path / "h.onnx", ratio=0.5, samples=16)
     assert "predictions" in report["notes"][0]
     assert report["total"]["channels_after"] < report["total"]["channels_before"]
+
+
+def test_hgsr_retrains_the_pruned_architecture_from_scratch(tmp_path):
+    from onnxprune.adapters.torch.hgsr import reinitialize
+    from onnxprune.adapters.torch.onnx_module import OnnxModule
+
+    model, inputs = _case("resnet_basic_projection")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, *inputs[0].shape[1:])).astype(np.float32)
+    prune_with_hgsr(model, inputs, x, None, tmp_path / "h.onnx", ratio=0.5, samples=8)
+    module = OnnxModule(tmp_path / "h.onnx")
+    before = {n: p.detach().clone() for n, p in module.named_onnx_parameters()}
+    reinitialize(module, seed=1)
+    after = dict(module.named_onnx_parameters())
+    assert all(after[n].shape == before[n].shape for n in before)
+    assert any(not torch.equal(after[n], before[n]) for n in before)
+    out = module(torch.from_numpy(x))
+    out.pow(2).mean().backward()  # trainable as is
+    assert torch.isfinite(out).all()

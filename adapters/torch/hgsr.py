@@ -90,3 +90,27 @@ def prune_with_hgsr(model: torch.nn.Module, example_input, x: np.ndarray,
     return prune(source, out, Options(method="hgsr", ratio=ratio, samples=samples,
                                       hgsr_form=form, data=str(data), round_to=1,
                                       **options))
+
+
+def reinitialize(module, seed: int = 0):
+    """Retrain the pruned architecture from scratch, as the paper does: fresh weights for
+    an `OnnxModule` of the pruned model (Kaiming-normal filters, zero biases, unit
+    normalization scales, fresh running statistics), keeping its shapes. Fine-tuning
+    (`onnxprune finetune`) instead keeps the selected weights."""
+    norm_scales = {n.inputs[1].name for n in module.model.graph
+                   if n.op_type in ("BatchNormalization", "InstanceNormalization",
+                                    "LayerNormalization") and len(n.inputs) > 1}
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_onnx_parameters():
+            if name in norm_scales:
+                param.fill_(1.0)
+            elif param.dim() >= 2:
+                fan_in = param[0].numel() if param.dim() > 2 else param.shape[-1]
+                std = (2.0 / max(fan_in, 1)) ** 0.5
+                param.copy_(torch.randn(param.shape, generator=generator).to(param) * std)
+            else:
+                param.zero_()
+        for name, value in module.named_onnx_buffers():
+            value.fill_(1.0) if "var" in name.lower() else value.zero_()
+    return module
