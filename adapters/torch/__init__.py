@@ -16,18 +16,20 @@ from __future__ import annotations
 _EXPORTS = {
     "SoftFilterPruner": "soft", "asfp_rate": "soft",
     "TaylorCollector": "taylor", "TaylorPruner": "taylor",
-    "FilterSkeleton": "swp",
+    "FilterSkeleton": "swp", "fold_skeletons": "swp",
     "HierarchicalGroupSparsity": "hgsr", "prune_with_hgsr": "hgsr",
     "OnnxModule": "onnx_module", "finetune": "finetune",
     "TorchGroups": "mapping", "export_preserving_names": "mapping",
 }
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "swp_export"]
 
 
 def __getattr__(name: str):
     """Import lazily, so `import onnxprune.adapters.torch` stays cheap."""
-    if name not in _EXPORTS:
-        raise AttributeError(name)
     from importlib import import_module
 
+    if name == "swp_export":  # swp.export, under a name that says what it exports
+        return import_module(f"{__name__}.swp").export
+    if name not in _EXPORTS:
+        raise AttributeError(name)
     return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
