@@ -121,6 +121,22 @@ class TorchGroups:
             for axis, index in entries:
                 target.index_fill_(axis, index, 0.0)
 
+    @torch.no_grad()
+    def reset_statistics(self, selection: Selection) -> None:
+        """Running mean 0 and variance 1 for the BatchNorm channels of removed channels:
+        the statistics of a zeroed filter's output. In eval mode the channel then emits
+        what it emits in training mode (BN's β), instead of an offset learnt while the
+        filter was alive."""
+        alive = self.analysis.alive(removed_roots(self.analysis, selection))
+        for site in self.analysis.slices:
+            if site.node.op_type != "BatchNormalization" or site.input not in (3, 4):
+                continue
+            name = origin(site.node.inputs[site.input])
+            removed = np.flatnonzero(~alive(site.ids))
+            if name in self.tensors and len(removed):
+                index = torch.as_tensor(removed, device=self.tensors[name].device)
+                self.tensors[name].index_fill_(0, index, 0.0 if site.input == 3 else 1.0)
+
     def selection_document(self, selection: Selection) -> dict:
         """The selection as plan-file groups (producer node + output channels), which
         `onnxprune.plan.selection_from_plan` maps onto another export of the model."""

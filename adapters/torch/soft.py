@@ -81,6 +81,7 @@ class SoftFilterPruner:
         self.selection = select(a, scores, rate, self.round_to)
         self._masks = self.groups.masks(self.selection, members=False)
         self.groups.zero(self._masks)
+        self.groups.reset_statistics(self.selection)
         return self.selection
 
     def mask_gradients(self) -> None:
