@@ -120,8 +120,9 @@ def train(model, x, y, epochs, *, rng, lr=0.05, hooks=None, penalty=None, on_epo
             on_epoch(epoch + 1)
 
 
-def uniform_ratio_for(model, example, target=0.5):
-    """The uniform per-group ratio whose L2 selection gives `target` of the MACs."""
+def uniform_ratio_for(model, example, target=0.5, round_to=1):
+    """The uniform per-group ratio whose L2 selection (with the pruner's rounding) gives
+    `target` of the MACs."""
     groups = TorchGroups(model, example)
     a = groups.analysis
     scores = score(a, "l2", groups=groups.prunable)
@@ -129,7 +130,7 @@ def uniform_ratio_for(model, example, target=0.5):
     lo, hi = 0.0, 0.95
     for _ in range(30):
         mid = (lo + hi) / 2
-        if macs.of(a, select(a, scores, mid, 1)) <= target * macs.total0:
+        if macs.of(a, select(a, scores, mid, round_to)) <= target * macs.total0:
             hi = mid
         else:
             lo = mid
@@ -147,6 +148,7 @@ def mask_fixed(model, example, selection_groups):
 
 
 XT = YT = None  # the test split, set by main()
+SWP_ALPHA = 1e-5  # --swp-alpha
 
 
 def torch_accuracy(model, x, y) -> float:
@@ -176,7 +178,7 @@ def run_method(name, x, y, epochs, example, rng, workdir, seed):
               total_epochs=epochs)
         groups.export_pruned(out, selection)
     elif name in ("sfp", "asfp", "fpgm"):
-        ratio = uniform_ratio_for(model, example)
+        ratio = uniform_ratio_for(model, example, round_to=8)
         info["ratio"] = round(ratio, 3)
         pruner = SoftFilterPruner(model, example, method="fpgm" if name == "fpgm" else "l2",
                                   ratio=ratio, schedule="asymptotic" if name == "asfp" else
@@ -227,7 +229,7 @@ def run_method(name, x, y, epochs, example, rng, workdir, seed):
     elif name == "swp":
         from onnxprune.adapters.torch.swp import FilterSkeleton, export as swp_export
 
-        skeleton = FilterSkeleton(model)
+        skeleton = FilterSkeleton(model, alpha=SWP_ALPHA)
         hooks = {"after_backward": [skeleton.after_backward],
                  "after_step": [skeleton.after_step]}
         train(skeleton.model, x, y, epochs, rng=rng, hooks=hooks)
@@ -247,6 +249,9 @@ def main() -> None:
     parser.add_argument("--methods", default="baseline,l1+ft,sfp,asfp,fpgm,taylor,swp,hgsr")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--swp-alpha", type=float, default=1e-5,
+                        help="SWP's L1 weight on the skeletons (the paper's 1e-5 assumes "
+                             "~160 epochs; scale it up for short runs)")
     parser.add_argument("--json", default=str(HERE / "_work" / "train_methods.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -261,8 +266,8 @@ def main() -> None:
     x = normalize(xtr[pick], mean, std)  # float32 [N, 1, 28, 28]
     y = ytr[pick].astype(np.int64)
     xt, yt = normalize(xte, mean, std), yte.astype(np.int64)
-    global XT, YT
-    XT, YT = xt, yt
+    global XT, YT, SWP_ALPHA
+    XT, YT, SWP_ALPHA = xt, yt, args.swp_alpha
     example = torch.from_numpy(x[:2])
     workdir = Path(tempfile.mkdtemp(prefix="train-methods-", dir=HERE / "_work"))
     rows = []
