@@ -96,14 +96,68 @@ class SoftFilterPruner:
     def pruned_channels(self) -> int:
         return sum(len(p) for p in self.selection.values())
 
-    def masked_model(self) -> torch.nn.Module:
+    @torch.no_grad()
+    def _compensate(self, example_input) -> int:
+        """Fold into the readers' biases what the zeroed filters still emitted.
+
+        A zeroed filter followed by BN emits BN's β, a constant the network learnt to use;
+        removing the channel drops it. Each reading Conv/Linear gets bias += a_c·ΣW[:, c]
+        for the constant a_c it read on channel c (measured on `example_input`). Exact for
+        1×1 convolutions and linear layers; at a padded border of a larger kernel the
+        true contribution is smaller. Returns how many readers were compensated."""
+        model = self.groups.model
+        removed = {}
+        for name, entries in self.groups.masks(self.selection, members=True).items():
+            module_name, _, leaf = name.rpartition(".")
+            for axis, index in entries:
+                if leaf == "weight" and axis == 1:
+                    removed[module_name] = index
+        modules = dict(model.named_modules())
+        readers = {n: m for n, m in modules.items() if n in removed and isinstance(
+            m, (torch.nn.Conv2d, torch.nn.Linear)) and getattr(m, "groups", 1) == 1}
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, args, n=n: seen.setdefault(n, args[0].detach()))
+            for n, m in readers.items()]
+        was_training = model.training
+        model.eval()
+        try:
+            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        count = 0
+        for n, module in readers.items():
+            x = seen.get(n)
+            if x is None:
+                continue
+            index = removed[n].to(x.device)
+            axis = x.dim() - 1 if isinstance(module, torch.nn.Linear) else 1
+            values = x.index_select(axis, index)
+            constant = values.movedim(axis, 0).reshape(len(index), -1).mean(dim=1)
+            weight = module.weight.index_select(1, index)
+            delta = (weight.flatten(2).sum(dim=2) if weight.dim() > 2 else weight) @ constant
+            if module.bias is None:
+                module.bias = torch.nn.Parameter(torch.zeros_like(delta))
+            module.bias += delta
+            count += 1
+        return count
+
+    def masked_model(self, compensate: bool = True) -> torch.nn.Module:
         """Zero every coupled member of the pruned channels (BN γ and β, consumers' input
-        slices): the model then computes exactly what the hard-pruned export computes."""
+        slices): the model then computes exactly what the hard-pruned export computes.
+
+        With `compensate`, the constants the zeroed filters still emitted (BN's β) are
+        first folded into the readers' biases (see `_compensate`)."""
+        if compensate and self.selection:
+            self._compensate(self.groups.example_input)
         self.groups.zero(self.groups.masks(self.selection, members=True))
         return self.groups.model
 
-    def export(self, path: str | Path) -> Path:
+    def export(self, path: str | Path, compensate: bool = True) -> Path:
         """Hard-prune the current selection with onnxprune surgery into an ONNX model
         (after `masked_model()`, which it calls)."""
-        self.masked_model()
+        self.masked_model(compensate)
         return self.groups.export_pruned(path, self.selection)
