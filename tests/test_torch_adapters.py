@@ -231,3 +231,19 @@ def test_hgsr_retrains_the_pruned_architecture_from_scratch(tmp_path):
     out = module(torch.from_numpy(x))
     out.pow(2).mean().backward()  # trainable as is
     assert torch.isfinite(out).all()
+
+
+def test_mapping_is_not_fooled_by_identical_fresh_parameters():
+    """A fresh model's BN tensors are byte-identical (γ = 1, β = 0), and the exporter
+    shares identical initializers: each torch tensor must still map to its own layer."""
+    model, inputs = _case("resnet_basic_projection")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_parameters()
+            module.reset_running_stats()
+    pruner = SoftFilterPruner(model, inputs, method="l2", ratio=0.5)
+    pruner.step(0)
+    masks = pruner.groups.masks(pruner.selection, members=True)
+    for name, entries in masks.items():
+        axes = [axis for axis, _ in entries]
+        assert len(axes) == len(set(axes)), f"{name} mapped to several layers"

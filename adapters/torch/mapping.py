@@ -46,6 +46,22 @@ def export_preserving_names(model: torch.nn.Module, example_input, path: str | P
     return Path(path)
 
 
+@torch.no_grad()
+def _export_structure(model: torch.nn.Module, example_input, path: Path) -> Path:
+    """Export for the mapping with every float tensor temporarily made unique: the
+    exporter shares byte-identical initializers (a fresh model's BN γ = 1, β = 0 and
+    running statistics), which would map several torch tensors to one name."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            tensor.copy_(torch.rand(tensor.shape, generator=generator).to(tensor) + 0.5)
+    try:
+        return export_preserving_names(model, example_input, path)
+    finally:
+        model.load_state_dict(saved)
+
+
 class TorchGroups:
     """onnxprune's groups of a torch model, and the torch tensors each slice touches."""
 
@@ -53,8 +69,8 @@ class TorchGroups:
         self.model = model
         self.example_input = example_input
         self._tmp = tempfile.TemporaryDirectory(prefix="onnxprune-torch-")
-        self.onnx_path = export_preserving_names(model, example_input,
-                                                 Path(self._tmp.name) / "model.onnx")
+        self.onnx_path = _export_structure(model, example_input,
+                                           Path(self._tmp.name) / "model.onnx")
         self.exclude = list(exclude)
         self.analysis: Analysis = analyze(load_normalized(self.onnx_path), self.exclude)
         self.tensors: dict[str, torch.Tensor] = {**dict(model.named_parameters()),
