@@ -170,7 +170,8 @@ def verify(source: str | os.PathLike, pruned: ir.Model | str | os.PathLike, slic
     return worst
 
 
-def check_graph(path: str | os.PathLike, original: str | os.PathLike | None = None) -> None:
+def check_graph(path: str | os.PathLike, original: str | os.PathLike | None = None,
+                what: str = "pruned") -> None:
     """onnx.checker with full_check; if the input itself fails the full check, the output
     is held to the plain check only."""
     try:
@@ -184,7 +185,7 @@ def check_graph(path: str | os.PathLike, original: str | os.PathLike | None = No
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
             onnx.checker.check_model(str(path))
             return
-    raise VerificationError(f"the pruned model fails onnx.checker: "
+    raise VerificationError(f"the {what} model fails onnx.checker: "
                             f"{str(failure).splitlines()[0]}; nothing was written (please report)")
 
 

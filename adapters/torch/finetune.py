@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from onnxprune.errors import (
     InputError,
@@ -30,6 +29,7 @@ from onnxprune.errors import (
 from onnxprune.load import check_output_path
 from onnxprune.validate import (
     check_feed,
+    check_graph,
     load_data,
     run_batches,
     session,
@@ -66,20 +66,9 @@ def _check_options(epochs, lr, batch_size, optimizer, momentum, weight_decay) ->
 
 
 def _check_graph(path: Path, original: Path) -> None:
-    """onnx.checker with full_check; an input that itself fails the full check holds the
-    output to the plain check only."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-        return
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        failure = exc
-    try:
-        onnx.checker.check_model(str(original), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
-        onnx.checker.check_model(str(path))
-        return
-    raise VerificationError(f"the fine-tuned model fails onnx.checker: "
-                            f"{str(failure).splitlines()[0]}; nothing was written (please report)")
+    """onnx.checker with full_check, held to the plain check where the input itself fails
+    it (the pruning pipeline's rule)."""
+    check_graph(path, original, what="fine-tuned")
 
 
 def _logits(outputs: list[np.ndarray] | np.ndarray) -> np.ndarray:
