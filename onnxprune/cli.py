@@ -194,6 +194,16 @@ def _options(args: argparse.Namespace) -> Options:
         ratios_from=getattr(args, "ratios_from", None))
 
 
+def _emit(args: argparse.Namespace, out: Console, result: dict,
+          summary: Callable[[dict], str]) -> int:
+    """The report as JSON with --json, else a one-line summary."""
+    if args.json:
+        print(report.dump_json(result))
+    else:
+        out.print(summary(result))
+    return 0
+
+
 def run(argv: Sequence[str]) -> int:
     argv = list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "prune"
@@ -222,22 +232,15 @@ def run(argv: Sequence[str]) -> int:
     if command == "sensitivity":
         with _progress(err, not args.json and err.is_terminal) as progress:
             result = sensitivity_report(args, progress)
-        if args.json:
-            print(report.dump_json(result))
-        else:
-            out.print(f"wrote {result['output']} and {result['plot']} "
-                      f"({len(result['groups'])} groups, metric: {result['metric']}, "
-                      f"baseline {result['baseline']:.4f})")
-        return 0
+        return _emit(args, out, result, lambda r: (
+            f"wrote {r['output']} and {r['plot']} ({len(r['groups'])} groups, metric: "
+            f"{r['metric']}, baseline {r['baseline']:.4f})"))
     if command == "finetune":
         result = finetune_command(args, err)
-        if args.json:
-            print(report.dump_json(result))
-        else:
-            out.print(f"trained {args.epochs} epoch(s): loss {result['losses'][0]:.4f} → "
-                      f"{result['losses'][-1]:.4f}; top-1 {result['accuracy_before']:.2%} → "
-                      f"{result['accuracy_after']:.2%}; wrote {result['output']}")
-        return 0
+        return _emit(args, out, result, lambda r: (
+            f"trained {args.epochs} epoch(s): loss {r['losses'][0]:.4f} → "
+            f"{r['losses'][-1]:.4f}; top-1 {r['accuracy_before']:.2%} → "
+            f"{r['accuracy_after']:.2%}; wrote {r['output']}"))
     options = _options(args)
     output = args.output or default_output(args.model)
     with _progress(err, not args.json and err.is_terminal) as progress:

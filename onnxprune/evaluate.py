@@ -21,7 +21,7 @@ from . import validate
 from .errors import InputError, UsageError
 from .load import load_normalized
 from .metrics import total_macs, total_params
-from .report import _count
+from .report import _count, agreement_line
 
 Progress = Callable[[str, int], Callable[[], None]]
 
@@ -268,11 +268,7 @@ def print_eval(console: Console, report: dict) -> None:
         console.print(f"accuracy on {report['samples']} labelled samples")
     agree = report.get("agreement")
     if agree:
-        text = (f"output agreement on {report['samples']} {report['inputs']} inputs: max |Δ| "
-                f"{agree['max_abs']:.4g}, mean |Δ| {agree['mean_abs']:.4g}")
-        if agree.get("top1") is not None:
-            text += f", top-1 match {agree['top1']:.1%}"
-        console.print(text)
+        console.print(agreement_line(agree, report["samples"], report["inputs"]))
     ratio = report["latency"].get("ratio")
     if ratio is not None:
         console.print(f"latency ratio (p50, second / first): {ratio:.2f}×")

@@ -92,6 +92,14 @@ def print_prune(console: Console, report: dict) -> None:
                       (f" and plan {report['plan']}" if report.get("plan") else ""))
 
 
+def agreement_line(agree: dict, samples: int, inputs: str) -> str:
+    text = (f"output agreement on {samples} {inputs} inputs: max |Δ| "
+            f"{agree['max_abs']:.4g}, mean |Δ| {agree['mean_abs']:.4g}")
+    if agree.get("top1") is not None:
+        text += f", top-1 match {agree['top1']:.1%}"
+    return text
+
+
 def print_validation(console: Console, report: dict) -> None:
     lat = report.get("latency")
     if lat:
@@ -101,11 +109,7 @@ def print_validation(console: Console, report: dict) -> None:
             f"{lat['after_ms']:.3f} ms ({lat['ratio']:.2f}×)")
     agree = report.get("agreement")
     if agree:
-        text = (f"output agreement on {agree['samples']} {agree['inputs']} inputs: max |Δ| "
-                f"{agree['max_abs']:.4g}, mean |Δ| {agree['mean_abs']:.4g}")
-        if agree.get("top1") is not None:
-            text += f", top-1 match {agree['top1']:.1%}"
-        console.print(text)
+        console.print(agreement_line(agree, agree["samples"], agree["inputs"]))
     acc = report.get("accuracy")
     if acc:
         console.print(f"top-1 accuracy: {acc['before']:.2%} → {acc['after']:.2%}")
