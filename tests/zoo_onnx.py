@@ -36,12 +36,15 @@ class OnnxCase:
     # node names whose output channels must stay (frozen); informative
     frozen: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
+    # node names whose output channels must stay prunable (the rule passes channels through)
+    kept_prunable: tuple[str, ...] = ()
 
 
 ONNX_CASES: dict[str, OnnxCase] = {}
 
 
-def _case(name: str, note: str = "", prunable: bool = True, frozen: Sequence[str] = (), tags: Sequence[str] = ()):
+def _case(name: str, note: str = "", prunable: bool = True, frozen: Sequence[str] = (), tags: Sequence[str] = (),
+          kept_prunable: Sequence[str] = ()):
     def deco(fn: Callable[[], onnx.ModelProto]):
         def make() -> onnx.ModelProto:
             m = fn()
@@ -49,7 +52,7 @@ def _case(name: str, note: str = "", prunable: bool = True, frozen: Sequence[str
             return m
 
         make.__name__ = f"make_{name}"
-        ONNX_CASES[name] = OnnxCase(name, make, prunable, note, tuple(frozen), tuple(tags))
+        ONNX_CASES[name] = OnnxCase(name, make, prunable, note, tuple(frozen), tuple(tags), tuple(kept_prunable))
         return fn
 
     return deco
@@ -447,6 +450,103 @@ def _():
 # ---------------------------------------------------------------------------
 # things the pruner must not touch
 # ---------------------------------------------------------------------------
+
+
+@_case("expand_tile_gather_passthrough",
+       "channel-carrying tensors through Expand, Tile and Gather off the channel axis: conv1 -> GAP -> "
+       "Expand([1,1,8,8]) added back to conv1's output -> Tile([1,1,2,2]) -> Gather(axis=2, 8 rows) -> conv2 -> "
+       "Gather(axis=3, scalar index: rank drops) -> ReduceMean -> Gemm; conv1 and conv2 stay prunable",
+       kept_prunable=("conv1", "conv2"), tags=("broadcast",))
+def _():
+    g = G("expand_tile_gather_passthrough", 13)
+    x = g.input("x", ["N", 3, 8, 8])
+    h = g.relu(g.conv(x, 3, 8, name="conv1"), name="relu1")
+    s = g.node("GlobalAveragePool", [h], name="gap")
+    e = g.node("Expand", [s, g.ints("expand_shape", [1, 1, 8, 8])], name="expand")
+    h = g.node("Add", [h, e], name="add_context")
+    t = g.node("Tile", [h, g.ints("tile_repeats", [1, 1, 2, 2])], name="tile")
+    rows = g.node("Gather", [t, g.ints("rows", list(range(0, 16, 2)))], name="gather_rows", axis=2)
+    h = g.relu(g.conv(rows, 8, 6, name="conv2"), name="relu2")
+    col = g.node("Gather", [h, g.const("col", np.array(3, dtype=np.int64))], name="gather_col", axis=3)
+    r = g.node("ReduceMean", [col], name="mean", axes=[2], keepdims=0)
+    y = g.gemm(r, 6, 5, name="fc")
+    g.node("Identity", [y], name="out", outputs=["y"])
+    return g.model(["y"])
+
+
+@_case("expand_tile_gather_on_channels",
+       "the same ops acting on the channel axis: conv1 -> Gather(axis=1, 4 of 8) and conv2 -> Tile([1,2,1,1]) "
+       "freeze the channels they touch; conv3 -> GAP -> Expand([1,8,8,8]) names the channel count in a "
+       "constant, which is rewritten to the kept count (prunable); the three branches meet in 1x1 convs "
+       "summed; conv0 stays prunable",
+       frozen=("conv1", "conv2"), kept_prunable=("conv0", "conv3"), tags=("broadcast", "frozen"))
+def _():
+    g = G("expand_tile_gather_on_channels", 13)
+    x = g.input("x", ["N", 3, 8, 8])
+    h0 = g.relu(g.conv(x, 3, 8, name="conv0"), name="relu0")
+    a = g.node("Gather", [g.conv(h0, 8, 8, name="conv1"), g.ints("picked", [0, 2, 4, 6])], name="gather_c",
+               axis=1)
+    ya = g.conv(a, 4, 6, k=1, name="head_a")
+    b = g.node("Tile", [g.conv(h0, 8, 8, name="conv2"), g.ints("tile_c_repeats", [1, 2, 1, 1])], name="tile_c")
+    yb = g.conv(b, 16, 6, k=1, name="head_b")
+    s3 = g.node("GlobalAveragePool", [g.conv(h0, 8, 8, name="conv3")], name="gap3")
+    c = g.node("Expand", [s3, g.ints("expand_c_shape", [1, 8, 8, 8])], name="expand_c")
+    yc = g.conv(c, 8, 6, k=1, name="head_c")
+    y = g.node("Add", [g.node("Add", [ya, yb], name="sum_ab"), yc], name="sum", outputs=["y"])
+    return g.model([y])
+
+
+@_case("runtime_shapes",
+       "channel counts read at run time by Shape: conv_a's count used consistently (expand_as, view(b, c, -1) "
+       "and back: stays prunable); conv_b's count sets the size of conv_c's Expand (both frozen); conv_d's "
+       "count feeds ConstantOfShape (frozen); a run-time Reshape target Concat(batch, [8], [-1]) after conv_e "
+       "(the literal 8 is rewritten: prunable), then back with [-1, 8, 8, 8]; conv0 feeds them all and stays "
+       "prunable",
+       frozen=("conv_b", "conv_c", "conv_d"), kept_prunable=("conv0", "conv_a", "conv_e"),
+       tags=("broadcast", "frozen"))
+def _():
+    g = G("runtime_shapes", 13)
+    x = g.input("x", ["N", 3, 8, 8])
+    h0 = g.relu(g.conv(x, 3, 8, name="conv0"), name="relu0")
+
+    def dim(of, i, name):
+        return g.node("Gather", [g.node("Shape", [of], name=f"shape_{name}"), g.ints(f"at_{name}", [i])],
+                      name=f"dim_{name}", axis=0)
+
+    a = g.conv(h0, 8, 8, name="conv_a")
+    ea = g.node("Expand", [g.node("GlobalAveragePool", [a], name="gap_a"), g.node("Shape", [a], name="shape_a")],
+                name="expand_as_a")
+    a = g.node("Mul", [a, ea], name="gate_a")
+    flat = g.node("Concat", [dim(a, 0, "a_n"), dim(a, 1, "a_c"), g.ints("minus_one", [-1])], name="view_shape",
+                  axis=0)
+    r = g.node("Reshape", [a, flat], name="view_a")
+    r = g.node("Reshape", [r, g.node("Shape", [a], name="shape_a_back")], name="unview_a")
+    ya = g.conv(r, 8, 6, k=1, name="head_a")
+
+    b = g.conv(h0, 8, 8, name="conv_b")
+    sc = g.node("GlobalAveragePool", [g.conv(h0, 8, 8, name="conv_c")], name="gap_c")
+    ec = g.node("Expand", [sc, g.node("Shape", [b], name="shape_b")], name="expand_c_like_b")
+    yb = g.node("Add", [g.conv(b, 8, 6, k=1, name="head_b"), g.conv(ec, 8, 6, k=1, name="head_c")],
+                name="sum_bc")
+
+    d = g.conv(h0, 8, 8, name="conv_d")
+    ones = g.node("ConstantOfShape", [g.node("Shape", [d], name="shape_d")], name="ones_d",
+                  value=numpy_helper.from_array(np.ones(1, np.float32)))
+    yd = g.conv(g.node("Mul", [d, ones], name="scale_d"), 8, 6, k=1, name="head_d")
+
+    e = g.conv(h0, 8, 8, name="conv_e")
+    fixed = g.node("Concat", [dim(e, 0, "e_n"), g.ints("eight", [8]), g.ints("minus_one_e", [-1])],
+                   name="fixed_shape", axis=0)
+    re = g.node("Reshape", [e, fixed], name="view_e")
+    re = g.node("Reshape", [re, g.ints("back_e", [-1, 8, 8, 8])], name="unview_e")
+    ye = g.conv(re, 8, 6, k=1, name="head_e")
+
+    y = g.node("Add", [g.node("Add", [ya, yb], name="sum_ab"), g.node("Add", [yd, ye], name="sum_de")],
+               name="sum", outputs=["y"])
+    m = g.model([y])
+    # shape inference cannot see through the run-time Reshape: declare the output
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", FLOAT, ["N", 6, 8, 8]))
+    return m
 
 
 @_case("if_outer_tensor", "If node (cond = mean(x) > 0) whose then/else sub-graphs read the outer tensor conv2 "

@@ -617,6 +617,29 @@ def _():
     return VGG(use_view=True)
 
 
+class RuntimeShapes(nn.Module):
+    """Channel counts read at run time (Shape -> Gather with a dynamic batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = h * h.mean((2, 3), keepdim=True).expand_as(h)
+        b, c, hh, ww = h.size(0), h.size(1), h.size(2), h.size(3)
+        h = h.view(b, c, -1).softmax(dim=-1).view(b, c, hh, ww)
+        return self.head(torch.relu(self.c2(h)))
+
+
+@_case("runtime_view_expand_as", "x.expand_as(y) and x.view(x.size(0), x.size(1), -1) and back: the channel "
+       "count is read at run time and used consistently, so c1 stays prunable", tags=("flatten", "broadcast"))
+def _():
+    return RuntimeShapes()
+
+
 # ---------------------------------------------------------------------------
 # NHWC / ConvNeXt
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from ..errors import UnsupportedModelError
 from ..load import opset, origin
+from . import sizes
 from .channels import ChannelMap, IdSpace
 from .rules import QUANTIZED_OPS, RULES
 from .sites import Alive, AttrRewrite, ConstRewrite, Producer, Read, SliceSite, SplitRewrite
@@ -80,6 +81,8 @@ class Context:
         self.split_rewrites: list[SplitRewrite] = []
         self.members: list[tuple[ir.Node, np.ndarray]] = []
         self.reads: list[Read] = []
+        self.extents: dict[ir.Value, sizes.Extents] = {}  # what shape values hold
+        self.derived_shapes: dict[ir.Value, list] = {}  # where shape inference gave up
 
     # -- reading
     def map(self, value: ir.Value | None) -> ChannelMap | None:
@@ -103,7 +106,7 @@ class Context:
         if self.is_const(value):
             return list(self.const_shape(value))
         if value.shape is None:
-            return None
+            return self.derived_shapes.get(value)
         dims = []
         for d in value.shape:
             dims.append(d if isinstance(d, int) else (d.value if d.value else None))
@@ -217,6 +220,9 @@ def analyze(model: ir.Model, exclude: Iterable[str] = ()) -> Analysis:
             ctx.freeze_inputs(node, reason)
             for v in subgraph_refs:
                 ctx.freeze(ctx.map(v), reason)
+            sizes.follow(ctx, node)
+            for v in subgraph_refs:
+                sizes.settle_outputs(ctx, [v])
             continue
         mapped = any(ctx.map(v) is not None for v in node.inputs)
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -224,8 +230,10 @@ def analyze(model: ir.Model, exclude: Iterable[str] = ()) -> Analysis:
             rule(ctx, node)
         elif mapped:
             ctx.freeze_inputs(node, f"{node.op_type} '{node.name}': channel semantics unknown")
+        sizes.follow(ctx, node)
     for out in model.graph.outputs:
         ctx.freeze(ctx.map(out), f"reaches graph output '{out.name}'")
+    sizes.settle_outputs(ctx, model.graph.outputs)
 
     roots = ctx.ids.roots()
     groups = _build_groups(ctx, roots)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from . import sizes
 from .channels import ChannelMap
 
 if TYPE_CHECKING:
@@ -578,10 +579,23 @@ def reshape(ctx: Context, node: ir.Node) -> None:
         for pos, a in enumerate(m.axes):
             in_shape[a] = m.ids.shape[pos]
     out_shape = ctx.shape(node.outputs[0])
-    target = None
+    target, literals = None, []
     if node.op_type == "Reshape":
         if ctx.is_const(node.inputs[1]):
             target = ctx.const(node.inputs[1]).astype(np.int64)
+        else:
+            # a shape computed at run time: what is known of its positions fills in what
+            # shape inference could not
+            guess = sizes.reshape_target(ctx, node, in_shape or [])
+            if guess is not None and (out_shape is None or len(out_shape) == len(guess)):
+                out_shape = [g if g is not None else (out_shape[k] if out_shape else None)
+                             for k, g in enumerate(guess)]
+            literals = (None if in_shape is None or out_shape is None else
+                        _runtime_target(ctx, node, m, in_shape, out_shape))
+            if literals is None:
+                ctx.freeze(m, f"Reshape '{node.name}' to a run-time shape that fixes the "
+                              "channel count")
+                return
         if in_shape is not None and target is not None:
             out_shape = _reshape_result(in_shape, target, _attr(node, "allowzero", 0)) or out_shape
     elif in_shape is not None:
@@ -595,8 +609,12 @@ def reshape(ctx: Context, node: ir.Node) -> None:
         ctx.freeze(m, f"{node.op_type} '{node.name}' moves channels in a way that cannot be "
                       "followed")
         return
+    if node.outputs[0].shape is None:
+        ctx.derived_shapes[node.outputs[0]] = list(out_shape)
     ctx.couple_rectangular(out)
     ctx.set(node.outputs[0], out)
+    for a in literals:
+        _rewrite_literal(ctx, node, a, out.ids)
     if target is not None and any(target[a] not in (0, -1) for a in out.axes
                                   if a < len(target)):
         ids, axes = out.ids, out.axes
@@ -608,6 +626,71 @@ def reshape(ctx: Context, node: ir.Node) -> None:
                     values[a] = _kept_extent(ids, pos, alive)
             return values
         ctx.rewrite_const(node, 1, new_target)
+
+
+def _runtime_target(ctx: Context, node: ir.Node, m: ChannelMap, in_shape: list,
+                    out_shape: list) -> list[int] | None:
+    """Whether a Reshape to a shape computed at run time keeps working after pruning: at
+    each position where the data's channels land, the shape must hold -1, 0 (copying the
+    same axis), the count of those very channels read at run time (x.view(b, c, -1) with
+    c = x.size(1)), or a constant equal to the channel extent that can be rewritten (the
+    dynamo exporter's Concat(batch, [C], [-1])). Returns the positions to rewrite, or None
+    when the shape cannot be followed."""
+    target = sizes.positions(ctx, node.inputs[1])
+    if target is None or len(target) != len(out_shape):
+        return None
+    out = _reshape_map(m, in_shape, list(out_shape))
+    rewrites = []
+    for a, held in enumerate(target):
+        if held == ("literal", -1):
+            continue
+        if held == ("literal", 0) and not _attr(node, "allowzero", 0):
+            if a in m.axes and len(m.axes) != 1:
+                return None
+            continue  # copies the input's extent at the same axis, pruned or not
+        if held is not None and held[0] == "count":
+            continue  # checked against the output map in sizes.follow (coupled or frozen)
+        if out is None:
+            return None
+        if a not in out.axes:
+            continue  # a literal or another extent where no channels land
+        if held is None or held[0] != "literal" or len(out.axes) != 1 \
+                or held[1] != out.ids.shape[0] or _literal_owner(ctx, node, a) is None:
+            return None
+        rewrites.append(a)
+    return rewrites
+
+
+def _literal_owner(ctx: Context, node: ir.Node, position: int) -> tuple[ir.Node, int, int] | None:
+    """The constant that holds `position` of node's shape input (input 1): (node, input
+    index, offset) of the shape itself or of a constant part of the one Concat making it."""
+    value = node.inputs[1]
+    if ctx.is_const(value):
+        return node, 1, position
+    concat = value.producer()
+    if concat is None or concat.op_type != "Concat" or len(value.uses()) != 1:
+        return None
+    offset = position
+    for index, part in enumerate(concat.inputs):
+        k = sizes.length(ctx, part)
+        if k is None:
+            return None
+        if offset < k:
+            return (concat, index, offset) if ctx.is_const(part) else None
+        offset -= k
+    return None
+
+
+def _rewrite_literal(ctx: Context, node: ir.Node, position: int, ids: np.ndarray) -> None:
+    """The constant holding a channel extent in a shape becomes the kept extent."""
+    owner, index, offset = _literal_owner(ctx, node, position)
+    original = ctx.const(owner.inputs[index]).copy()
+
+    def compute(alive, original=original, offset=offset, ids=ids):
+        values = original.copy()
+        values.flat[offset] = int(alive(ids).sum())
+        return values
+    ctx.rewrite_const(owner, index, compute)
 
 
 def _prod(dims) -> int | None:
@@ -622,12 +705,7 @@ def _prod(dims) -> int | None:
 def _reshape_result(in_shape, target, allowzero) -> list | None:
     dims = [in_shape[i] if (t == 0 and not allowzero and i < len(in_shape)) else int(t)
             for i, t in enumerate(target)]
-    if -1 in dims:
-        total, rest = _prod(in_shape), _prod(d for d in dims if d != -1)
-        if total is None or rest is None or rest == 0:
-            return None
-        dims[dims.index(-1)] = total // rest
-    return dims
+    return sizes.resolve_minus_one(in_shape, dims)
 
 
 def _reshape_map(m: ChannelMap, in_shape: list, out_shape: list) -> ChannelMap | None:
@@ -668,18 +746,33 @@ def expand(ctx: Context, node: ir.Node) -> None:
     m = _first_map(ctx, node)
     if m is None:
         return
-    if not ctx.is_const(node.inputs[1]):
-        ctx.freeze(m, f"Expand '{node.name}' to a run-time shape")
+    # what each position of the target holds: a literal, or a channel count read at run
+    # time (x.expand_as(y) gives Expand(x, Shape(y)))
+    target = sizes.positions(ctx, node.inputs[1])
+    if target is None:
+        ctx.freeze(m, f"Expand '{node.name}' to a run-time shape of unknown length")
         return
-    target = ctx.const(node.inputs[1]).astype(np.int64)
     rank = max(m.rank, len(target))
     out = m.shifted(rank)
+    literals = []
     for a in out.axes:
         local = a - (rank - len(target))
-        if local >= 0 and target[local] != 1:
-            ctx.freeze(m, f"Expand '{node.name}' names the channel count")
-            return
+        if local < 0 or target[local] == ("literal", 1):
+            continue
+        held = target[local]
+        if held is not None and len(out.axes) == 1 and (
+                (held[0] == "count" and np.array_equal(held[1], out.ids)) or
+                (held[0] == "literal" and held[1] == len(out.ids)
+                 and _literal_owner(ctx, node, local) is not None)):
+            if held[0] == "literal":  # the channel count as a constant: it follows the pruning
+                literals.append(local)
+            continue
+        ctx.freeze(m, f"Expand '{node.name}' sets the channel count" if held else
+                   f"Expand '{node.name}' to a run-time shape")
+        return
     ctx.set(node.outputs[0], out)
+    for local in literals:
+        _rewrite_literal(ctx, node, local, out.ids)
 
 
 @rule("Tile")
