@@ -4,7 +4,8 @@ Candidates are ranked globally by the feature-wise score (criteria.hgsr_scores).
 each step, each group offers its `candidates` lowest-scored remaining channels; the
 one whose removal raises the cross-entropy on the sampled training data least is
 removed. Steps repeat until as many channels are gone as the ratio asks (floor(r·C)
-per group, summed). Each candidate costs one onnxruntime run of the masked model on
+per group, summed), or, with `target_macs`, until the model's MACs are at most that
+fraction of the original's (the ratio is then ignored; `max_layer_ratio` still caps). Each candidate costs one onnxruntime run of the masked model on
 the samples, so a run costs about steps × groups × candidates model evaluations.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from .analyze import Analysis
 from .masks import MaskedModel, cross_entropy
-from .plan import Selection, _cap, _group_ratio
+from .plan import MacsModel, Selection, _cap, _group_ratio
 
 
 def sample(x: np.ndarray, y: np.ndarray | None, count: int, seed: int):
@@ -29,17 +30,24 @@ def sample(x: np.ndarray, y: np.ndarray | None, count: int, seed: int):
 def greedy_select(masked: MaskedModel, scores: dict[int, np.ndarray], x: np.ndarray,
                   targets: np.ndarray, ratio: float, *, candidates: int = 1,
                   ratio_for=(), max_layer_ratio: float = 1.0,
+                  target_macs: float | None = None,
                   on_step: Callable[[], None] | None = None) -> tuple[Selection, list[dict]]:
     """Returns the selection and the trace: one entry per removal, with its loss."""
     a: Analysis = masked.analysis
     groups = {g.index: g for g in a.groups if g.prunable and g.index in scores}
-    budget = sum(math.floor(_group_ratio(g, ratio, ratio_for) * g.channels + 1e-9)
-                 for g in groups.values())
+    macs = MacsModel(a) if target_macs is not None else None
+    if macs is not None:
+        budget = sum(g.channels for g in groups.values())  # the MACs target stops it
+    else:
+        budget = sum(math.floor(_group_ratio(g, ratio, ratio_for) * g.channels + 1e-9)
+                     for g in groups.values())
     order = {i: list(np.argsort(scores[i], kind="stable")) for i in groups}
     removed: dict[int, list[int]] = {i: [] for i in groups}
     removed_classes: list[int] = []
     trace = []
     for _ in range(budget):
+        if macs is not None and macs.total <= target_macs * macs.total0:
+            break
         offers = []
         for i, g in groups.items():
             if len(removed[i]) >= _cap(g, max_layer_ratio):
@@ -54,6 +62,8 @@ def greedy_select(masked: MaskedModel, scores: dict[int, np.ndarray], x: np.ndar
         i, k = offers[best]
         removed[i].append(k)
         removed_classes.append(int(groups[i].classes[k]))
+        if macs is not None:
+            macs.remove(removed_classes[-1])
         trace.append({"group": i, "channel": k, "loss": losses[best]})
         if on_step:
             on_step()

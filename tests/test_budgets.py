@@ -136,6 +136,23 @@ def test_greedy_hgsr_matches_brute_force(tmp_path):
     assert len(trace) == budget
 
 
+def test_greedy_hgsr_stops_at_a_macs_target():
+    masked = MaskedModel(DEMO)
+    a = masked.analysis
+    data = np.load(DEMO_DATA)
+    x, y = data["x"][:32], data["y"][:32]
+    scores = score(a, "hgsr")
+    selection, trace = greedy_select(masked, scores, x, y, 0.0, candidates=1,
+                                     target_macs=0.7)
+    after = _pruned_macs(DEMO, selection)  # counted on the real pruned model
+    assert after <= 0.7 * a.total_macs
+    # the removal before the last one was still above the target: it stopped at once
+    last = trace[-1]
+    fewer = {g: np.array([k for k in p if not (g == last["group"] and k == last["channel"])])
+             for g, p in selection.items()}
+    assert MacsModel(a).of(a, fewer) > 0.7 * a.total_macs
+
+
 def test_hgsr_cli_with_and_without_labels(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(residual_model(channels=8), str(path))
