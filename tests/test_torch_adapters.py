@@ -247,3 +247,38 @@ def test_mapping_is_not_fooled_by_identical_fresh_parameters():
     for name, entries in masks.items():
         axes = [axis for axis, _ in entries]
         assert len(axes) == len(set(axes)), f"{name} mapped to several layers"
+
+
+def test_recalibrate_batchnorm_averages_each_batch_statistics():
+    from onnxprune.adapters.torch import recalibrate_batchnorm
+
+    model, inputs = _case("resnet_basic_projection")
+    pruner = SoftFilterPruner(model, inputs, method="l2", ratio=0.5)
+    _train_steps(model, inputs)
+    pruner.step(1)  # a late step: the running statistics describe the unpruned network
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    seen = {n: [] for n in norms}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen[n].append(args[0]))
+             for n, m in norms.items()]
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(inputs[0].shape, generator=generator), None) for _ in range(3)]
+    model.eval()
+    assert recalibrate_batchnorm(model, batches) == 3
+    for h in hooks:
+        h.remove()
+    assert not model.training
+    for n, m in norms.items():
+        assert m.momentum == 0.1 and len(seen[n]) == 3
+        means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen[n]])
+        variances = torch.stack([x.transpose(0, 1).flatten(1).var(dim=1) for x in seen[n]])
+        torch.testing.assert_close(m.running_mean, means.mean(0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m.running_var, variances.mean(0), atol=1e-5, rtol=1e-4)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+    # the zeroed filters' BN channels now see what they emit: zero mean and variance
+    conv_masks = [(n, e) for n, e in pruner._masks.items() if n.endswith("conv1.weight")]
+    assert conv_masks
+    for name, [(axis, index)] in conv_masks:
+        bn = norms[name.replace("conv1.weight", "bn1")]
+        assert bn.running_var[index].abs().max() < 1e-6

@@ -9,6 +9,7 @@ parameters (mapping.py) and run the training-time steps.
 - FilterSkeleton: stripe-wise pruning, SWP (swp.py)
 - HierarchicalGroupSparsity, prune_with_hgsr: HGSR regularization and flow (hgsr.py)
 - OnnxModule, finetune: train any ONNX model in torch and write the weights back
+- recalibrate_batchnorm: fresh BN running statistics after pruning steps (batchnorm.py)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ _EXPORTS = {
     "HierarchicalGroupSparsity": "hgsr", "prune_with_hgsr": "hgsr",
     "OnnxModule": "onnx_module", "finetune": "finetune",
     "TorchGroups": "mapping", "export_preserving_names": "mapping",
+    "recalibrate_batchnorm": "batchnorm",
 }
 __all__ = [*_EXPORTS, "swp_export"]
 

@@ -48,8 +48,12 @@ class SoftFilterPruner:
     """Zero the lowest-ranked channels of every group at each `step(epoch)`.
 
     Call `step(0)` before training and `step(epoch)` after each epoch; with
-    `grad_mask=True` also call `mask_gradients()` after each backward pass (or use
-    `optimizer_hook()`), then `export(path)` for the hard-pruned ONNX model.
+    `grad_mask=True` also call `mask_gradients()` after each backward pass, then
+    `export(path)` for the hard-pruned ONNX model.
+
+    A step zeroes filters the network may be using, which leaves every downstream
+    BatchNorm's running statistics stale: before evaluating or exporting after a step,
+    recompute them with `recalibrate_batchnorm(model, training_batches)`.
     """
 
     def __init__(self, model: torch.nn.Module, example_input, method: str = "l2",
