@@ -174,16 +174,20 @@ def _choose(path, a: Analysis, options: Options, x, y, progress: Progress,
         masked = MaskedModel(path, options.exclude, options.threads)
         xs, ys = sample(x, y, options.samples, options.seed)
         targets, source = targets_for(masked, xs, ys)
-        total = (None if options.target_macs is not None else
+        # one step per channel, or per aligned block with --round-to (count not known ahead)
+        total = (None if options.target_macs is not None or options.round_to > 1 else
                  sum(channels_to_remove(g.channels, options.ratio, 1) for g in prunable))
         start = time.perf_counter()
         step = progress("HGSR greedy selection", total)
         selection, trace = greedy_select(masked, scores, xs, targets, options.ratio,
                                          candidates=options.candidates, ratio_for=ratio_for,
                                          max_layer_ratio=options.max_layer_ratio,
-                                         target_macs=options.target_macs, on_step=step)
+                                         target_macs=options.target_macs,
+                                         round_to=options.round_to, on_step=step)
+        channels = sum(len(t["channels"]) for t in trace)
         notes.append(f"HGSR greedy selection on {len(xs)} samples against {source}: "
-                     f"{len(trace)} removals in {time.perf_counter() - start:.1f} s")
+                     f"{channels} channels in {len(trace)} steps in "
+                     f"{time.perf_counter() - start:.1f} s")
         return selection, options.method, options.ratio
     if options.method == "hgsr":
         notes.append("HGSR without --data: channels ranked by the feature-wise score only")

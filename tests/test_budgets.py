@@ -148,9 +148,30 @@ def test_greedy_hgsr_stops_at_a_macs_target():
     assert after <= 0.7 * a.total_macs
     # the removal before the last one was still above the target: it stopped at once
     last = trace[-1]
-    fewer = {g: np.array([k for k in p if not (g == last["group"] and k == last["channel"])])
+    fewer = {g: np.array([k for k in p if not (g == last["group"] and k in last["channels"])])
              for g, p in selection.items()}
     assert MacsModel(a).of(a, fewer) > 0.7 * a.total_macs
+
+
+def test_greedy_hgsr_with_round_to_keeps_aligned_counts():
+    masked = MaskedModel(DEMO)
+    a = masked.analysis
+    data = np.load(DEMO_DATA)
+    x, y = data["x"][:32], data["y"][:32]
+    scores = score(a, "hgsr")
+    selection, trace = greedy_select(masked, scores, x, y, 0.0, target_macs=0.6, round_to=8)
+    assert MacsModel(a).of(a, selection) <= 0.6 * a.total_macs
+    for g in a.groups:
+        if g.index in selection:
+            kept = g.channels - len(selection[g.index])
+            assert kept % 8 == 0 or kept == g.channels % 8, (g.channels, kept)
+    # each step took a group's lowest-scored remaining channels
+    taken: dict[int, list[int]] = {}
+    for step in trace:
+        g, block = step["group"], step["channels"]
+        rest = [k for k in np.argsort(scores[g], kind="stable") if k not in taken.get(g, [])]
+        assert sorted(block) == sorted(int(k) for k in rest[:len(block)])
+        taken.setdefault(g, []).extend(block)
 
 
 def test_hgsr_cli_with_and_without_labels(tmp_path, capsys):
