@@ -179,6 +179,22 @@ def test_taylor_pruner_stops_at_a_macs_target():
     assert pruner.done and pruner.macs.total <= 0.7 * pruner.macs.total0
 
 
+def test_taylor_pruner_round_to_keeps_aligned_counts(tmp_path):
+    model, inputs = _case("resnet_basic_projection")
+    pruner = TaylorPruner(model, inputs, n=3, frequency=1, target_channels=9, round_to=4)
+    model.train()
+    for _ in range(10):
+        model.zero_grad()
+        model(*inputs).pow(2).mean().backward()
+        pruner.step()
+        for g in pruner.groups.prunable:
+            kept = g.channels - len(pruner.selection.get(g.index, []))
+            assert kept == g.channels or kept % 4 == 0, (g.channels, kept)
+        pruner.after_optimizer_step()
+    assert pruner.done and pruner._removed() >= 9
+    _onnx_equals_torch(model, inputs, pruner.export(tmp_path / "aligned.onnx"))
+
+
 def test_hgsr_penalty_matches_its_formula_and_skips_projection_shortcuts():
     model, inputs = _case("resnet_basic_projection")
     reg = HierarchicalGroupSparsity(model, inputs, lam=1e-3)

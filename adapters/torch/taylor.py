@@ -101,6 +101,12 @@ class TaylorPruner:
     smoothed with `momentum` across steps; pruned channels stay masked while training
     continues; it stops at `target_channels` removed or at `target_macs` (a fraction).
 
+    `round_to` > 1 keeps each group's kept count a multiple of it (the paper removes
+    channels one by one; unaligned counts can make the pruned model slower than the
+    original on onnxruntime CPU, see benchmarks/RESULTS.md): after each pruning step,
+    every group it touched loses its next lowest-ranked channels down to the multiple,
+    so a step may remove a few more than `n`, and the last one may pass the target.
+
     Call `step()` after each `loss.backward()` and before `optimizer.step()`, then
     `after_optimizer_step()`.
     """
@@ -108,13 +114,15 @@ class TaylorPruner:
     def __init__(self, model: torch.nn.Module, example_input, *, n: int = 100,
                  frequency: int = 30, momentum: float = 0.9, target_channels: int | None = None,
                  target_macs: float | None = None, criterion: str = "taylor",
-                 max_layer_ratio: float = 0.9, exclude: Iterable[str] = ()):
+                 max_layer_ratio: float = 0.9, round_to: int = 1,
+                 exclude: Iterable[str] = ()):
         if target_channels is None and target_macs is None:
             raise ValueError("give target_channels or target_macs")
         self.groups = TorchGroups(model, example_input, exclude)
         self.n, self.frequency, self.momentum = n, frequency, momentum
         self.target_channels, self.target_macs = target_channels, target_macs
         self.criterion, self.max_layer_ratio = criterion, max_layer_ratio
+        self.round_to = max(1, round_to)
         a = self.groups.analysis
         self.macs = MacsModel(a)
         self._position = {int(r): (g.index, k) for g in self.groups.prunable
@@ -183,17 +191,29 @@ class TaylorPruner:
         ranked = sorted((float(s), g, k) for g, values in self.importance.items()
                         for k, s in enumerate(values) if k not in self.selection.get(g, []))
         taken = 0
+        touched = set()
         for _, g, k in ranked:
             if taken >= self.n or self._reached():
                 break
             if len(self.selection.get(g, [])) >= _cap(groups[g], self.max_layer_ratio):
                 continue
-            self.selection.setdefault(g, []).append(k)
-            self.macs.remove(int(groups[g].classes[k]))
+            self._remove(groups[g], k)
+            touched.add(g)
             taken += 1
+        for _, g, k in ranked:  # align the kept counts of the groups this step touched
+            group = groups[g]
+            removed = self.selection.get(g, [])
+            if g in touched and k not in removed and \
+                    (group.channels - len(removed)) % self.round_to and \
+                    len(removed) < _cap(group, self.max_layer_ratio):
+                self._remove(group, k)
         self.done = self._reached() or taken == 0
         self._masks = self.groups.masks(self.current_selection())
         self.groups.zero(self._masks)
+
+    def _remove(self, group, k: int) -> None:
+        self.selection.setdefault(group.index, []).append(k)
+        self.macs.remove(int(group.classes[k]))
 
     def current_selection(self) -> Selection:
         return {g: np.array(sorted(v), dtype=np.int64) for g, v in self.selection.items() if v}
