@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_e2e.py --prepare
+
+# every training method on the full Fashion-MNIST (apt-get install dataset-fashion-mnist)
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/train_methods.py --epochs 4 --train-samples 60000 \
+		--stem-stride 2 --swp-alpha 2e-3 --round-to 4 --clip-grad 5
 
 clean:
 	rm -rf build $(VENV) .pytest_cache
