@@ -76,7 +76,8 @@ def positions(ctx: Context, value: ir.Value) -> list[tuple] | None:
                 return out
             if ctx.is_const(part):
                 for j, v in enumerate(ctx.const(part).ravel()):
-                    out[offset + j] = ("literal", int(v))
+                    if offset + j < n:
+                        out[offset + j] = ("literal", int(v))
             offset += k
     return out
 
