@@ -14,14 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "models"))
 import train_methods as tm  # noqa: E402
-from train_default import NORM, load_fashion_mnist, normalize  # noqa: E402
 
 from onnxprune.adapters.torch import SoftFilterPruner, recalibrate_batchnorm  # noqa: E402
 
@@ -35,16 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     tm.CLIP = args.clip_grad or None
-    mean, std = NORM["fashion-mnist"]
-    data, missing = load_fashion_mnist("/usr/share/datasets/fashion-mnist")
-    if data is None:
-        raise SystemExit(f"Fashion-MNIST missing ({', '.join(missing)}): "
-                         "apt-get install dataset-fashion-mnist")
-    xtr, ytr, xte, yte = data
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(xtr), args.train_samples, replace=False)
-    x, y = normalize(xtr[pick], mean, std), ytr[pick].astype(np.int64)
-    xt, yt = normalize(xte[:2000], mean, std), yte[:2000].astype(np.int64)
+    (x, y, xt, yt), rng = tm.fashion_mnist(args.train_samples, 0, test_samples=2000)
     torch.manual_seed(0)
     model = tm.ResNet20(stem_stride=2)
     pruner = SoftFilterPruner(model, torch.from_numpy(x[:2]), method="l2", ratio=0.312,

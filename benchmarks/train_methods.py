@@ -173,6 +173,22 @@ ROUND_TO = 4  # --round-to
 STEM_STRIDE = 1  # --stem-stride
 
 
+def fashion_mnist(train_samples: int, seed: int, test_samples: int | None = None):
+    """Normalized Fashion-MNIST: a seeded subset of the training split (x, y) and the
+    test split (xt, yt), with the generator that drew the subset."""
+    mean, std = NORM["fashion-mnist"]
+    data, missing = load_fashion_mnist("/usr/share/datasets/fashion-mnist")
+    if data is None:
+        raise SystemExit(f"Fashion-MNIST missing ({', '.join(missing)}): "
+                         "apt-get install dataset-fashion-mnist")
+    xtr, ytr, xte, yte = data
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(xtr), size=min(train_samples, len(xtr)), replace=False)
+    xte, yte = xte[:test_samples], yte[:test_samples]
+    return (normalize(xtr[pick], mean, std), ytr[pick].astype(np.int64),  # [N, 1, 28, 28]
+            normalize(xte, mean, std), yte.astype(np.int64)), rng
+
+
 def torch_accuracy(model, x, y) -> float:
     model.eval()
     with torch.no_grad():
@@ -291,17 +307,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "_work" / "train_methods.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    mean, std = NORM["fashion-mnist"]
-    data, missing = load_fashion_mnist("/usr/share/datasets/fashion-mnist")
-    if data is None:
-        raise SystemExit(f"Fashion-MNIST missing ({', '.join(missing)}): "
-                         "apt-get install dataset-fashion-mnist")
-    xtr, ytr, xte, yte = data
-    rng = np.random.default_rng(args.seed)
-    pick = rng.choice(len(xtr), size=min(args.train_samples, len(xtr)), replace=False)
-    x = normalize(xtr[pick], mean, std)  # float32 [N, 1, 28, 28]
-    y = ytr[pick].astype(np.int64)
-    xt, yt = normalize(xte, mean, std), yte.astype(np.int64)
+    (x, y, xt, yt), _ = fashion_mnist(args.train_samples, args.seed)
     global XT, YT, SWP_ALPHA, ROUND_TO, STEM_STRIDE, CLIP
     XT, YT, SWP_ALPHA = xt, yt, args.swp_alpha
     ROUND_TO, STEM_STRIDE, CLIP = args.round_to, args.stem_stride, args.clip_grad or None

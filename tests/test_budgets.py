@@ -136,14 +136,18 @@ def test_greedy_hgsr_matches_brute_force(tmp_path):
     assert len(trace) == budget
 
 
-def test_greedy_hgsr_stops_at_a_macs_target():
+def _demo_greedy(**options):
+    """HGSR's greedy selection on the embedded model and 32 validation samples."""
     masked = MaskedModel(DEMO)
-    a = masked.analysis
     data = np.load(DEMO_DATA)
-    x, y = data["x"][:32], data["y"][:32]
-    scores = score(a, "hgsr")
-    selection, trace = greedy_select(masked, scores, x, y, 0.0, candidates=1,
-                                     target_macs=0.7)
+    scores = score(masked.analysis, "hgsr")
+    selection, trace = greedy_select(masked, scores, data["x"][:32], data["y"][:32], 0.0,
+                                     **options)
+    return masked.analysis, scores, selection, trace
+
+
+def test_greedy_hgsr_stops_at_a_macs_target():
+    a, _, selection, trace = _demo_greedy(candidates=1, target_macs=0.7)
     after = _pruned_macs(DEMO, selection)  # counted on the real pruned model
     assert after <= 0.7 * a.total_macs
     # the removal before the last one was still above the target: it stopped at once
@@ -154,12 +158,7 @@ def test_greedy_hgsr_stops_at_a_macs_target():
 
 
 def test_greedy_hgsr_with_round_to_keeps_aligned_counts():
-    masked = MaskedModel(DEMO)
-    a = masked.analysis
-    data = np.load(DEMO_DATA)
-    x, y = data["x"][:32], data["y"][:32]
-    scores = score(a, "hgsr")
-    selection, trace = greedy_select(masked, scores, x, y, 0.0, target_macs=0.6, round_to=8)
+    a, scores, selection, trace = _demo_greedy(target_macs=0.6, round_to=8)
     assert MacsModel(a).of(a, selection) <= 0.6 * a.total_macs
     for g in a.groups:
         if g.index in selection:
