@@ -20,7 +20,7 @@ import numpy as np
 
 from .analyze import Analysis
 from .masks import MaskedModel, cross_entropy
-from .plan import MacsModel, Selection, _cap, _group_ratio
+from .plan import MacsModel, Selection, _cap, _group_ratio, check_target_macs
 
 
 def sample(x: np.ndarray, y: np.ndarray | None, count: int, seed: int):
@@ -44,6 +44,7 @@ def greedy_select(masked: MaskedModel, scores: dict[int, np.ndarray], x: np.ndar
     groups = {g.index: g for g in a.groups if g.prunable and g.index in scores}
     macs = MacsModel(a) if target_macs is not None else None
     if macs is not None:
+        check_target_macs(target_macs)
         budget = sum(g.channels for g in groups.values())  # the MACs target stops it
     else:
         budget = sum(math.floor(_group_ratio(g, ratio, ratio_for) * g.channels + 1e-9)

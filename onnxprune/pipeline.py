@@ -21,8 +21,9 @@ from .apply import Surgery, apply
 from .errors import UsageError
 from .load import check_output_path, load_normalized, save_model
 from .metrics import node_costs, total_macs, total_params
-from .plan import (Selection, channels_to_remove, check_ratio, parse_ratio_for, plan_document,
-                   read_plan, select, selection_from_plan, write_plan)
+from .plan import (Selection, channels_to_remove, check_ratio, check_target_macs,
+                   parse_ratio_for, plan_document, read_plan, select, selection_from_plan,
+                   write_plan)
 from .score import METHODS, score
 
 
@@ -60,6 +61,8 @@ class Options:
             raise UsageError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         if not 0 <= self.fpgm_norm_fraction < 1:
             raise UsageError("--fpgm-norm-fraction must be in [0, 1)")
+        if self.target_macs is not None:
+            check_target_macs(self.target_macs)
         if self.ratios_from and self.target_macs is None:
             raise UsageError("--ratios-from needs --target-macs")
         if self.hgsr_form not in criteria.HGSR_FORMS:

@@ -30,6 +30,12 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
+def check_target_macs(target_macs: float) -> float:
+    if not (isinstance(target_macs, (int, float)) and 0 < target_macs <= 1):
+        raise UsageError(f"--target-macs must be in (0, 1], got {target_macs}")
+    return float(target_macs)
+
+
 def channels_to_remove(channels: int, ratio: float, round_to: int = 1) -> int:
     """floor(ratio·C) channels, fewer if needed so the kept count is a multiple of
     `round_to`; never all of them."""
@@ -213,8 +219,7 @@ def select(analysis: Analysis, scores: dict[int, np.ndarray], ratio: float,
         else:
             selection = _global(analysis, scores, ratio, round_to, ratio_for, max_layer_ratio)
         return keep_every_tensor_nonempty(analysis, selection, scores)
-    if not 0 < target_macs <= 1:
-        raise UsageError(f"--target-macs must be in (0, 1], got {target_macs}")
+    check_target_macs(target_macs)
     macs = MacsModel(analysis)
     target = target_macs * macs.total0
     if scope == "global":

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import InputError, UsageError
 from .masks import MaskedModel
-from .plan import MacsModel, Selection, _lowest, channels_to_remove
+from .plan import MacsModel, Selection, _lowest, channels_to_remove, check_target_macs
 
 FORMAT = "onnxprune-sensitivity/1"
 DEFAULT_RATIOS = tuple(round(0.1 * k, 1) for k in range(1, 10))
@@ -80,8 +80,7 @@ def allocate(analysis, scores: dict[int, np.ndarray], document: dict, target_mac
     """Per-group ratios from a sweep that meet a MACs budget, pruning the least sensitive
     groups most: repeatedly raise, by one measured step, the ratio of the group whose
     next step loses the least of the metric per MAC saved."""
-    if not 0 < target_macs <= 1:
-        raise UsageError(f"--target-macs must be in (0, 1], got {target_macs}")
+    check_target_macs(target_macs)
     groups = {g.index: g for g in analysis.groups if g.prunable and g.index in scores}
     curves = {}
     for entry in document.get("groups", []):

@@ -172,6 +172,10 @@ def _bad(tmp_path: Path, kind: str) -> list:
         return [good, "--ratio", "-0.2", "-o", out]
     if kind == "ratio-text":
         return [good, "--ratio", "half", "-o", out]
+    if kind == "target-macs-hgsr":  # HGSR's greedy path, which does not go through select()
+        np.savez(tmp_path / "d.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+        return [good, "--method", "hgsr", "--data", tmp_path / "d.npz", "--target-macs", "0",
+                "-o", out]
     if kind == "method":
         return [good, "--method", "magic", "-o", out]
     if kind == "same-output":
@@ -207,6 +211,7 @@ def _bad(tmp_path: Path, kind: str) -> list:
     ("ratio-high", 2, "ratio must be in [0, 1)"),
     ("ratio-negative", 2, "ratio must be in [0, 1)"),
     ("ratio-text", 2, "ratio must be a number"),
+    ("target-macs-hgsr", 2, "--target-macs must be in (0, 1]"),
     ("method", 2, "invalid choice"),
     ("same-output", 4, "is the input file"),
     ("unwritable", 4, "cannot write"),
