@@ -121,6 +121,13 @@ def _channels_to_mapping(channels, spec_names: Sequence[str]) -> dict[str, int] 
     return dict(zip(spec_names, channels))
 
 
+def _widths(spec, channel_scale, round_to, round_mode, channels, channel_fn) -> OrderedDict:
+    """Every settable width of a model's `width_spec`, after scaling, overrides, rounding."""
+    fn = make_channel_fn(channel_scale, round_to, round_mode,
+                         _channels_to_mapping(channels, list(spec)), channel_fn)
+    return OrderedDict((k, fn(k, v)) for k, v in spec.items())
+
+
 # --------------------------------------------------------------------------
 # ResNet (torchvision layout, v1.5: stride on the 3x3 conv)
 # --------------------------------------------------------------------------
@@ -205,9 +212,7 @@ class ResNet(nn.Module):
         self.width_per_stage = list(width_per_stage)
         self.stem_width = stem_width
         spec = self.width_spec()
-        fn = make_channel_fn(channel_scale, round_to, round_mode,
-                             _channels_to_mapping(channels, list(spec)), channel_fn)
-        self.widths = OrderedDict((k, fn(k, v)) for k, v in spec.items())
+        self.widths = _widths(spec, channel_scale, round_to, round_mode, channels, channel_fn)
         w = self.widths
 
         self.inplanes = w["stem"]
@@ -340,9 +345,7 @@ class MobileNetV2(nn.Module):
         self.width_mult = width_mult
         self.round_nearest = round_nearest
         spec = self.width_spec()
-        fn = make_channel_fn(channel_scale, round_to, round_mode,
-                             _channels_to_mapping(channels, list(spec)), channel_fn)
-        self.widths = OrderedDict((k, fn(k, v)) for k, v in spec.items())
+        self.widths = _widths(spec, channel_scale, round_to, round_mode, channels, channel_fn)
         w = self.widths
 
         inp = w["stem"]

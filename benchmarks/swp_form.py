@@ -93,15 +93,27 @@ def _stripes(w, live):
     return w1, blocks
 
 
-def gather_form(w, b, live, batch, h, wd, pad):
-    n, c, k, _ = w.shape
+def _pointwise(w, b, live, h, wd, pad, axes, round_to: int = 1):
+    """What the stripe forms share: the stripes as one 1×1 Conv `x -> y1` (its output
+    channels padded with zero rows to a multiple of `round_to`; the last is the zero
+    channel), the bias and the slice axes. Returns n, ho, wo, blocks, the zero
+    channel's index, initializers and nodes."""
+    n, _, k, _ = w.shape
     ho, wo = h + 2 * pad - k + 1, wd + 2 * pad - k + 1
     w1, blocks = _stripes(w, live)
-    zero = len(w1) - 1
+    extra = (-len(w1)) % round_to
+    if extra:
+        w1 = np.concatenate([w1, np.zeros((extra, *w1.shape[1:]), np.float32)])
     inits = [numpy_helper.from_array(w1, "w1"),
              numpy_helper.from_array(b.reshape(1, n, 1, 1), "bias"),
-             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+             numpy_helper.from_array(np.array(axes, np.int64), "axes")]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["y1"], pads=[pad] * 4, kernel_shape=[1, 1])]
+    return n, ho, wo, blocks, len(w1) - 1, inits, nodes
+
+
+def gather_form(w, b, live, batch, h, wd, pad):
+    c = w.shape[1]
+    n, ho, wo, blocks, zero, inits, nodes = _pointwise(w, b, live, h, wd, pad, [2, 3])
     parts = []
     for i, j, s0, s1, filters in blocks:
         if s1 == s0:
@@ -120,20 +132,14 @@ def gather_form(w, b, live, batch, h, wd, pad):
     return _model(nodes, inits, [batch, c, h, wd], [batch, n, ho, wo], "gather")
 
 
-def reduce_form(w, b, live, batch, h, wd, pad):
-    n, c, k, _ = w.shape
-    ho, wo = h + 2 * pad - k + 1, wd + 2 * pad - k + 1
-    w1, blocks = _stripes(w, live)
-    zero = len(w1) - 1
-    inits = [numpy_helper.from_array(w1, "w1"),
-             numpy_helper.from_array(b.reshape(1, n, 1, 1), "bias"),
-             numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
-             numpy_helper.from_array(np.array([2], np.int64), "raxis")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["y1"], pads=[pad] * 4, kernel_shape=[1, 1])]
+def _offset_slices(blocks, n, zero, ho, wo, inits, nodes):
+    """One Slice of the 1×1 conv's output `y1` per kernel offset (its stripes' channels
+    and the shifted window); the last block also carries the zero channel. Appends to
+    `inits` and `nodes`; returns the slice names and each filter's stripe channels."""
     parts, per_filter = [], [[] for _ in range(n)]
     last = max(t for t, blk in enumerate(blocks) if blk[3] > blk[2])
     for t, (i, j, s0, s1, filters) in enumerate(blocks):
-        end = zero + 1 if t == last else s1  # the last block also carries the zero channel
+        end = zero + 1 if t == last else s1
         if s1 == s0:
             continue
         for f, s in zip(filters, range(s0, s1), strict=True):
@@ -144,6 +150,14 @@ def reduce_form(w, b, live, batch, h, wd, pad):
         nodes.append(helper.make_node("Slice", ["y1", f"st{tag}", f"en{tag}", "axes"],
                                       [f"p{tag}"]))
         parts.append(f"p{tag}")
+    return parts, per_filter
+
+
+def reduce_form(w, b, live, batch, h, wd, pad):
+    c = w.shape[1]
+    n, ho, wo, blocks, zero, inits, nodes = _pointwise(w, b, live, h, wd, pad, [1, 2, 3])
+    inits.append(numpy_helper.from_array(np.array([2], np.int64), "raxis"))
+    parts, per_filter = _offset_slices(blocks, n, zero, ho, wo, inits, nodes)
     r = max(1, max(len(p) for p in per_filter))
     index = np.full((n, r), zero, np.int64)
     for f, stripes in enumerate(per_filter):
@@ -162,31 +176,10 @@ def ranksum_form(w, b, live, batch, h, wd, pad, round_to: int = 1):
     """Like `reduce`, without static shapes: one Gather per stripe rank t (the t-th live
     stripe of every filter, or the zero channel), then Sum over ranks (+ bias). With
     round_to=8 the 1×1 conv gets zero rows up to a multiple of 8 output channels."""
-    n, c, k, _ = w.shape
-    ho, wo = h + 2 * pad - k + 1, wd + 2 * pad - k + 1
-    w1, blocks = _stripes(w, live)
-    extra = (-len(w1)) % round_to
-    if extra:
-        w1 = np.concatenate([w1, np.zeros((extra, *w1.shape[1:]), np.float32)])
-    zero = len(w1) - 1
-    inits = [numpy_helper.from_array(w1, "w1"),
-             numpy_helper.from_array(b.reshape(1, n, 1, 1), "bias"),
-             numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["y1"], pads=[pad] * 4, kernel_shape=[1, 1])]
-    parts, per_filter = [], [[] for _ in range(n)]
-    last = max(t for t, blk in enumerate(blocks) if blk[3] > blk[2])
-    for t, (i, j, s0, s1, filters) in enumerate(blocks):
-        end = zero + 1 if t == last else s1
-        if s1 == s0:
-            continue
-        for f, s in zip(filters, range(s0, s1), strict=True):
-            per_filter[f].append(s)
-        tag = f"{i}_{j}"
-        inits += [numpy_helper.from_array(np.array([s0, i, j], np.int64), f"st{tag}"),
-                  numpy_helper.from_array(np.array([end, i + ho, j + wo], np.int64), f"en{tag}")]
-        nodes.append(helper.make_node("Slice", ["y1", f"st{tag}", f"en{tag}", "axes"],
-                                      [f"p{tag}"]))
-        parts.append(f"p{tag}")
+    c = w.shape[1]
+    n, ho, wo, blocks, zero, inits, nodes = _pointwise(w, b, live, h, wd, pad, [1, 2, 3],
+                                                       round_to)
+    parts, per_filter = _offset_slices(blocks, n, zero, ho, wo, inits, nodes)
     nodes.append(helper.make_node("Concat", parts, ["cat"], axis=1))
     # the blocks are contiguous and the last one runs to the end of y1: `cat` keeps y1's
     # channel indices (zero channel included)
@@ -236,6 +229,8 @@ FORMS = {"gather": gather_form, "reduce": reduce_form, "ranksum": ranksum_form,
 
 
 def session(model, threads):
+    """A timing session: all graph optimizations, sequential, no spinning. `model` is a
+    ModelProto or a path."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -243,7 +238,8 @@ def session(model, threads):
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
 
 def run_config(c, hw, sparsity, threads, batch, forms, runs, warmup, seed, c_out=None):
@@ -363,17 +359,7 @@ def run_network(kind, sparsity, threads_list, batches, runs, warmup, seed, workd
     rows = []
     for threads in threads_list:
         for batch in batches:
-            sessions = {}
-            for form, path in paths.items():
-                so = ort.SessionOptions()
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-                so.intra_op_num_threads = threads
-                so.inter_op_num_threads = 1
-                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                so.log_severity_level = 3
-                sessions[form] = ort.InferenceSession(str(path), so,
-                                                      providers=["CPUExecutionProvider"])
+            sessions = {form: session(path, threads) for form, path in paths.items()}
             feed = {"input": np.random.default_rng(seed).standard_normal(
                 (batch, 3, 32, 32)).astype(np.float32)}
             want = sessions["dense"].run(None, feed)[0]
