@@ -500,9 +500,10 @@ def _():
        "channel counts read at run time by Shape: conv_a's count used consistently (expand_as, view(b, c, -1) "
        "and back: stays prunable); conv_b's count sets the size of conv_c's Expand (both frozen); conv_d's "
        "count feeds ConstantOfShape (frozen); a run-time Reshape target Concat(batch, [8], [-1]) after conv_e "
-       "(the literal 8 is rewritten: prunable), then back with [-1, 8, 8, 8]; conv0 feeds them all and stays "
-       "prunable",
-       frozen=("conv_b", "conv_c", "conv_d"), kept_prunable=("conv0", "conv_a", "conv_e"),
+       "(the literal 8 is rewritten: prunable), then back with [-1, 8, 8, 8]; conv_f viewed as "
+       "Concat(Slice(Shape(f), 0:2), H*W) and back (prunable); conv_g's Size() scales its head (frozen); conv0 "
+       "feeds them all and stays prunable",
+       frozen=("conv_b", "conv_c", "conv_d", "conv_g"), kept_prunable=("conv0", "conv_a", "conv_e", "conv_f"),
        tags=("broadcast", "frozen"))
 def _():
     g = G("runtime_shapes", 13)
@@ -541,8 +542,22 @@ def _():
     re = g.node("Reshape", [re, g.ints("back_e", [-1, 8, 8, 8])], name="unview_e")
     ye = g.conv(re, 8, 6, k=1, name="head_e")
 
+    f = g.conv(h0, 8, 8, name="conv_f")
+    nc = g.node("Slice", [g.node("Shape", [f], name="shape_f"), g.ints("f_from", [0]), g.ints("f_to", [2])],
+                name="f_batch_channels")
+    hw = g.node("Mul", [dim(f, 2, "f_h"), dim(f, 3, "f_w")], name="f_hw")
+    rf = g.node("Reshape", [f, g.node("Concat", [nc, hw], name="f_view_shape", axis=0)], name="view_f")
+    rf = g.node("Reshape", [rf, g.node("Shape", [f], name="shape_f_back")], name="unview_f")
+    yf = g.conv(rf, 8, 6, k=1, name="head_f")
+
+    gg = g.conv(h0, 8, 8, name="conv_g")
+    count = g.node("Cast", [g.node("Size", [gg], name="size_g")], name="size_g_float", to=FLOAT)
+    scale = g.node("Div", [count, g.floats("size_g_norm", np.float32(512.0))], name="size_g_scale")
+    yg = g.node("Mul", [g.conv(gg, 8, 6, k=1, name="head_g"), scale], name="scaled_g")
+
     y = g.node("Add", [g.node("Add", [ya, yb], name="sum_ab"), g.node("Add", [yd, ye], name="sum_de")],
-               name="sum", outputs=["y"])
+               name="sum_abde")
+    y = g.node("Add", [y, g.node("Add", [yf, yg], name="sum_fg")], name="sum", outputs=["y"])
     m = g.model([y])
     # shape inference cannot see through the run-time Reshape: declare the output
     m.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", FLOAT, ["N", 6, 8, 8]))

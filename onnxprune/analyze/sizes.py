@@ -181,7 +181,7 @@ def _picked(ctx: Context, node: ir.Node, n: int) -> np.ndarray | None:
 def _sink(ctx: Context, node: ir.Node, known: dict[int, Extents]) -> None:
     """Counts used as a Reshape/Expand shape: couple them with the output's channels at
     their positions; any other use freezes them."""
-    reason = (f"its channel count is read at run time (Shape) and used by "
+    reason = (f"its channel count is read at run time (Shape/Size) and used by "
               f"{node.op_type} '{node.name}'")
     shaped = node.op_type in ("Reshape", "Expand") and not any(
         _counts(e) for i, e in known.items() if i != 1)
